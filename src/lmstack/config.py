@@ -1,0 +1,186 @@
+"""ModelConfig: every architecture choice of an lmstack model, in one frozen dataclass.
+
+Fields left as ``None`` are derived in ``__post_init__`` (``n_kv_heads`` defaults to ``n_heads``,
+``head_dim`` to ``dim // n_heads``, ``ffn_dim`` to the LLaMA rule); a field the user set is never
+overwritten. Invalid values raise ``ValueError`` naming the field, the value and what is allowed.
+Presets are looked up by exact name and each names the checkpoint whose shape it copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3", "yarn")
+
+
+def _llama_ffn_dim(dim: int, multiple_of: int = 256) -> int:
+    """The LLaMA rule: 2/3 of 4*dim, rounded up to a multiple (keeps SwiGLU's FLOPs at 4*dim's)."""
+    hidden = int(2 * (4 * dim) / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 4096  # residual stream width (HF: hidden_size)
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None -> n_heads (MHA); 1 -> MQA; in between -> GQA
+    head_dim: int | None = None  # None -> dim // n_heads
+    ffn_dim: int | None = None  # SwiGLU hidden width (HF: intermediate_size); None -> LLaMA rule
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, or {"type": "linear"|"dynamic"|"llama3"|"yarn", "factor": float, ...} (HF key names).
+    rope_scaling: dict[str, Any] | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 puts a bias on q/k/v projections
+    sliding_window: int | None = None  # Mistral: each token sees itself and the window-1 before it
+    init_std: float = 0.02
+    # Scale the init of each residual branch's output projection (o_proj, down_proj) by
+    # 1/sqrt(2*n_layers) so the residual stream's variance does not grow with depth (GPT-2).
+    init_scaled_residual: bool = True
+
+    def __post_init__(self) -> None:
+        def _set(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            _positive_int(name, getattr(self, name))
+        if self.n_kv_heads is None:
+            _set("n_kv_heads", self.n_heads)
+        _positive_int("n_kv_heads", self.n_kv_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
+                "(1 for MQA, n_heads for MHA, a divisor in between for GQA)"
+            )
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(
+                    f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim explicitly"
+                )
+            _set("head_dim", self.dim // self.n_heads)
+        _positive_int("head_dim", self.head_dim)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs of dimensions)")
+        if self.ffn_dim is None:
+            _set("ffn_dim", _llama_ffn_dim(self.dim))
+        _positive_int("ffn_dim", self.ffn_dim)
+        if not (0 < self.norm_eps < 1):
+            raise ValueError(f"norm_eps={self.norm_eps} must be in (0, 1)")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be > 0")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std={self.init_std} must be > 0")
+        if self.sliding_window is not None:
+            _positive_int("sliding_window", self.sliding_window)
+        if self.rope_scaling is not None:
+            _set("rope_scaling", _check_rope_scaling(self.rope_scaling))
+
+    # -- derived quantities -------------------------------------------------------------------
+    @property
+    def n_params(self) -> int:
+        """Parameter count (tied embeddings counted once)."""
+        attn = self.dim * self.head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
+        if self.qkv_bias:
+            attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.dim * self.ffn_dim
+        per_layer = attn + mlp + 2 * self.dim
+        emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return self.n_layers * per_layer + emb + self.dim
+
+    # -- (de)serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+        d = dict(PRESETS[name]["config"])
+        if overrides:
+            # Width overrides on a real preset must re-derive head_dim / ffn_dim unless also given.
+            if "dim" in overrides or "n_heads" in overrides:
+                d.pop("head_dim", None)
+            if "dim" in overrides:
+                d.pop("ffn_dim", None)
+            d.update(overrides)
+        return cls.from_dict(d)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def _check_rope_scaling(rs: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(rs, dict):
+        raise ValueError(f"rope_scaling={rs!r} must be None or a dict with a 'type' key")
+    rs = dict(rs)
+    kind = rs.pop("rope_type", None) or rs.get("type")
+    if kind not in ROPE_SCALING_TYPES:
+        raise ValueError(f"rope_scaling type={kind!r} is not supported; valid types: {ROPE_SCALING_TYPES}")
+    rs["type"] = kind
+    factor = rs.get("factor")
+    if not isinstance(factor, (int, float)) or factor < 1:
+        raise ValueError(f"rope_scaling factor={factor!r} must be a number >= 1")
+    return rs
+
+
+# Each preset names its source. Shapes only: weights come from `lmstack.from_hf`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "source": "lmstack demo model (Shakespeare, byte-level BPE 4096), ~5M parameters",
+        "config": dict(
+            vocab_size=4096, dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=768,
+            norm_eps=1e-5, rope_theta=10000.0, max_seq_len=256, tie_embeddings=True,
+        ),
+    },
+    "llama-1.1b": {
+        "source": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+        "config": dict(
+            vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632,
+            norm_eps=1e-5, rope_theta=10000.0, max_seq_len=2048,
+        ),
+    },
+    "llama3-8b": {
+        "source": "meta-llama/Meta-Llama-3-8B",
+        "config": dict(
+            vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+            norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192,
+        ),
+    },
+    "qwen2-0.5b": {
+        "source": "Qwen/Qwen2-0.5B",
+        "config": dict(
+            vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_dim=4864,
+            norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=131072, tie_embeddings=True,
+            qkv_bias=True,
+        ),
+    },
+    "mistral-7b": {
+        "source": "mistralai/Mistral-7B-v0.1",
+        "config": dict(
+            vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+            norm_eps=1e-5, rope_theta=10000.0, max_seq_len=32768, sliding_window=4096,
+        ),
+    },
+}

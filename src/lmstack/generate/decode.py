@@ -1,0 +1,297 @@
+"""Autoregressive decoding with a preallocated KV cache (the gpt-fast loop).
+
+One cache sized prompt + max_new_tokens is allocated up front; ``prefill`` runs the whole prompt
+through it once and ``decode_step`` feeds one token per row, each computing the LM head for the
+last position only. The loop keeps tokens on the device: the only host sync per step is the
+"every row finished?" check, made only when an EOS id is set. Ragged prompts are left-padded; their
+padding keys are masked and their RoPE positions follow HF ``generate``
+(``cumsum(attention_mask) - 1``, 0 at padding) so greedy output matches HF token for token. A batch
+without padding builds no mask and no position tensor at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import check_sampling_args, is_greedy, process_logits, sample
+
+BEAM_SEARCH_PENDING = "beam search lands with the HF interop issue"
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # (B * num_return, T_prompt + T_new) int64, prompt (padding included) first
+    scores: torch.Tensor | None = None  # beam search: final score of each returned sequence
+
+
+# -- the two forward passes ------------------------------------------------------------------
+def prefill(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    cache,
+    positions: torch.Tensor | None = None,
+    pad_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the prompt ids (B, T) into the empty cache; return the next-token logits (B, V)."""
+    return model(ids, positions=positions, cache=cache, pad_mask=pad_mask, logits_to_keep=1)[:, -1]
+
+
+def decode_step(
+    model: torch.nn.Module, token: torch.Tensor, cache, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Feed one token per row (B, 1) at the cache's end; return the next-token logits (B, V)."""
+    return model(token, positions=positions, cache=cache, logits_to_keep=1)[:, -1]
+
+
+# -- inputs -------------------------------------------------------------------------------------
+def left_pad(prompts: Sequence[Sequence[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged prompts -> ids (B, T) left-padded with ``pad_value`` and mask (B, T), False at padding."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_value, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, T - len(p) :] = True
+    return ids, mask
+
+
+def padded_positions(pad_mask: torch.Tensor) -> torch.Tensor:
+    """HF's position ids for a padded batch: count of real tokens so far - 1, 0 at padding. (B, T)"""
+    return (pad_mask.long().cumsum(-1) - 1).masked_fill(~pad_mask, 0)
+
+
+def prepare_inputs(
+    input_ids, attention_mask: torch.Tensor | None, pad_value: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt(s) -> ids (B, T) on ``device`` and pad_mask (B, T) bool, or None when nothing is padded."""
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+        if ids.dim() != 2 or ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be integer token ids shaped (batch, seq_len), got {tuple(input_ids.shape)} {input_ids.dtype}")
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask {tuple(mask.shape)} must have the shape of input_ids {tuple(ids.shape)}")
+            mask = mask.to(device=device, dtype=torch.bool)
+    else:
+        if attention_mask is not None:
+            raise ValueError("attention_mask applies to a padded tensor; ragged lists are padded here, pass no mask")
+        prompts = list(input_ids)
+        if not prompts:
+            raise ValueError("input_ids is an empty batch; pass at least one prompt")
+        prompts = [prompts] if isinstance(prompts[0], int) else [list(p) for p in prompts]  # flat = one prompt
+        ids, mask = left_pad(prompts, pad_value)
+        mask = mask.to(device)
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"empty prompt: input_ids has shape {tuple(ids.shape)}; pass at least one token per prompt")
+    ids = ids.to(device=device, dtype=torch.long)
+    if mask is not None:
+        empty = ~mask.any(dim=1)
+        if bool(empty.any()):
+            raise ValueError(f"empty prompt: row(s) {empty.nonzero().flatten().tolist()} have no tokens")
+        if bool(mask.all()):
+            mask = None  # nothing padded: no mask, no positions, the fast path
+    return ids, mask
+
+
+def as_id_list(token_ids: int | Sequence[int] | None) -> list[int]:
+    if token_ids is None:
+        return []
+    return [int(token_ids)] if isinstance(token_ids, int) else [int(t) for t in token_ids]
+
+
+def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    limit = model.config.max_seq_len
+    if prompt_len + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = {prompt_len + max_new_tokens} "
+            f"exceeds the model context max_seq_len={limit}; shorten the prompt or lower max_new_tokens"
+        )
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+# -- token selection ---------------------------------------------------------------------------
+def make_chooser(
+    *,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    typical_p: float | None,
+    repetition_penalty: float | None,
+    generator: torch.Generator | None,
+):
+    """A function (logits (B, V), ids so far (B, t), mask (B, t) | None) -> next tokens (B,).
+
+    Plain greedy gets a bare argmax: the decode loop calls this every step.
+    """
+    penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
+    if is_greedy(temperature) and penalty is None:
+        return lambda logits, ids, mask: logits.argmax(dim=-1)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, repetition_penalty=penalty)
+
+    def choose(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        scores = process_logits(logits.float(), ids, input_mask=mask, **kw)
+        return scores.argmax(dim=-1) if is_greedy(temperature) else sample(scores, generator)
+
+    return choose
+
+
+# -- generation --------------------------------------------------------------------------------
+def generate(
+    model: torch.nn.Module,
+    input_ids,
+    max_new_tokens: int = 64,
+    *,
+    temperature: float | None = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    typical_p: float | None = None,
+    repetition_penalty: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    seed: int | None = None,
+    num_beams: int = 1,
+    stop_on_eos: bool = True,
+) -> GenerateOutput:
+    """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+    input_ids: (B, T) LongTensor (left-padded rows need ``attention_mask``, 1 = token, 0 = padding,
+        as HF; padding is never inferred from ``pad_token_id``), or a list of token-id lists of any
+        lengths, left-padded here with ``pad_token_id`` (else the first EOS id, else 0).
+    temperature: 0 or None = greedy; otherwise sample after the processors of
+        ``lmstack.generate.sampling.process_logits`` (HF's order and semantics).
+    eos_token_id: an id or a list; once a row emits one, its later tokens are ``pad_token_id``
+        (default: the first EOS id) and decoding stops when every row has. ``stop_on_eos=False``
+        ignores EOS and always generates ``max_new_tokens``.
+    seed: seeds a private ``torch.Generator``, so sampling is reproducible and leaves the global
+        RNG alone.
+    Returns ``GenerateOutput(sequences=(B, T + T_new))``, T_new <= max_new_tokens.
+    """
+    check_sampling_args(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+        repetition_penalty=repetition_penalty,
+    )
+    eos = as_id_list(eos_token_id) if stop_on_eos else []
+    pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
+    device = model.lm_head.weight.device
+    ids, pad_mask = prepare_inputs(input_ids, attention_mask, pad_id if pad_id is not None else 0, device)
+    check_length(model, ids.shape[1], max_new_tokens)
+    if num_beams > 1:
+        raise NotImplementedError(BEAM_SEARCH_PENDING)  # lmstack.generate.beam plugs in here
+    if num_beams < 1:
+        raise ValueError(f"num_beams={num_beams} must be >= 1")
+    choose = make_chooser(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+        repetition_penalty=repetition_penalty, generator=make_generator(seed, device),
+    )
+    with torch.inference_mode():
+        seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0)
+    return GenerateOutput(sequences=seq)
+
+
+def decode_loop(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    pad_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    choose,
+    *,
+    eos: list[int],
+    pad_id: int,
+) -> torch.Tensor:
+    """Prefill, then one decode step per new token; returns the sequences (B, T + T_new)."""
+    B, T = ids.shape
+    total = T + max_new_tokens
+    cache = model.setup_cache(B, total)
+    seq = ids.new_empty(B, total)  # (B, T + N): prompt then new tokens, written in place
+    seq[:, :T] = ids
+    # Repetition penalty must skip the prompt's padding: a (B, total) mask, True past the prompt.
+    seq_mask = None
+    if pad_mask is not None:
+        seq_mask = torch.ones(B, total, dtype=torch.bool, device=ids.device)
+        seq_mask[:, :T] = pad_mask
+    positions = None if pad_mask is None else padded_positions(pad_mask)  # (B, T)
+    logits = prefill(model, ids, cache, positions, pad_mask)  # (B, V)
+    pos = None if positions is None else positions[:, -1:] + 1  # (B, 1), advanced in place
+
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=ids.device) if eos else None
+    unfinished = torch.ones(B, dtype=torch.bool, device=ids.device) if eos else None
+    t = T
+    for step in range(max_new_tokens):
+        tok = choose(logits, seq[:, :t], None if seq_mask is None else seq_mask[:, :t])  # (B,)
+        if eos_ids is not None:
+            tok = torch.where(unfinished, tok, pad_id)  # finished rows emit padding (HF)
+            unfinished &= ~torch.isin(tok, eos_ids)
+        seq[:, t] = tok
+        t += 1
+        if step == max_new_tokens - 1 or (eos_ids is not None and not bool(unfinished.any())):
+            break
+        logits = decode_step(model, tok[:, None], cache, pos)
+        if pos is not None:
+            pos += 1
+    return seq[:, :t]
+
+
+def generate_stream(
+    model: torch.nn.Module,
+    input_ids,
+    max_new_tokens: int = 64,
+    *,
+    temperature: float | None = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    typical_p: float | None = None,
+    repetition_penalty: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    seed: int | None = None,
+) -> Iterator[int]:
+    """Yield the new token ids of one prompt (a 1-D list or tensor of ids) one at a time, stopping
+    before an EOS id (which is not yielded). Same sampling keywords as ``generate``; the arguments
+    are checked here, before the first token is asked for."""
+    check_sampling_args(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+        repetition_penalty=repetition_penalty,
+    )
+    prompt = torch.as_tensor(input_ids, dtype=torch.long)
+    if prompt.dim() != 1:
+        raise ValueError(f"generate_stream takes one prompt, a 1-D list or tensor of ids; got shape {tuple(prompt.shape)}")
+    device = model.lm_head.weight.device
+    ids, _ = prepare_inputs(prompt, None, 0, device)  # (1, T)
+    check_length(model, ids.shape[1], max_new_tokens)
+    choose = make_chooser(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+        repetition_penalty=repetition_penalty, generator=make_generator(seed, device),
+    )
+    return stream_loop(model, ids, max_new_tokens, choose, eos=set(as_id_list(eos_token_id)))
+
+
+@torch.inference_mode()  # on a generator: the mode is entered around each resume, not left on between yields
+def stream_loop(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, choose, *, eos: set[int]) -> Iterator[int]:
+    T = ids.shape[1]
+    cache = model.setup_cache(1, T + max_new_tokens)
+    seq = ids.new_empty(1, T + max_new_tokens)
+    seq[:, :T] = ids
+    logits = prefill(model, ids, cache)  # (1, V)
+    for step in range(max_new_tokens):
+        tok = choose(logits, seq[:, : T + step], None)  # (1,)
+        token = int(tok)  # the one host sync streaming needs
+        if token in eos:
+            return
+        yield token
+        seq[:, T + step] = tok
+        if step < max_new_tokens - 1:
+            logits = decode_step(model, tok[:, None], cache)

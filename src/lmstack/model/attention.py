@@ -1,0 +1,57 @@
+"""Causal self-attention with RoPE for the MHA / GQA / MQA family (Shazeer 2019; Ainslie et al. 2023).
+
+``n_kv_heads`` K/V heads are shared by ``n_heads // n_kv_heads`` query heads each: MHA when they
+are equal, MQA at 1, GQA in between. Sharing shrinks the KV cache by that ratio. K/V are never
+repeated here; the kernel maps each query head to its K/V head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..config import ModelConfig
+from .cache import KVCache
+from .rope import apply_rope
+
+
+@dataclass
+class AttnContext:
+    """What every layer needs for one forward pass, computed once by the Transformer."""
+
+    cos: torch.Tensor  # (1|B, 1, T, head_dim)
+    sin: torch.Tensor
+    cache: KVCache | None = None
+    seqs: kernels.Seqs | None = None
+    key_valid: torch.Tensor | None = None  # (B, Tk) False for padding keys
+    backend: str | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = cfg.sliding_window
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, ctx.cos, ctx.sin)
+        k = apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, Hkv, cached + T, D)
+        o = kernels.attention(
+            q, k, v, causal=True, seqs=ctx.seqs, window=self.window,
+            key_valid=ctx.key_valid, backend=ctx.backend,
+        )  # (B, Hq, T, D)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -1,0 +1,70 @@
+"""Preallocated KV cache (gpt-fast / torchtune style): one K and one V buffer per layer.
+
+``Transformer.setup_cache(batch_size, max_len)`` allocates it once; every forward writes the new
+keys/values at ``[length, length + T)`` and attention reads ``[0, length + T)``, so decoding never
+reallocates or concatenates. ``reset()`` empties it for the next prompt, ``reorder(index)``
+permutes the batch (beam search). ``key_valid`` marks padding keys of left-padded batches; it is
+only allocated once a batch has padding, so the common case builds no mask at all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.batch_size, self.max_len = batch_size, max_len
+        self.length = 0  # tokens already stored (the same for every row: padding is on the left)
+        self.key_valid: torch.Tensor | None = None  # (B, max_len) bool, only when there is padding
+
+    def reset(self) -> None:
+        self.length = 0
+        self.key_valid = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) after the cached ones; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def mark(self, T: int, pad_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Record which of the next T keys are real; return key validity (B, length + T) or None."""
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(
+                f"KV cache overflow: {self.length} cached + {T} new tokens > max_len={self.max_len}; "
+                "set up a larger cache"
+            )
+        if pad_mask is not None and self.key_valid is None and not bool(pad_mask.all()):
+            self.key_valid = torch.ones(self.batch_size, self.max_len, dtype=torch.bool, device=pad_mask.device)
+        if self.key_valid is None:
+            return None
+        self.key_valid[:, self.length : end] = True if pad_mask is None else pad_mask.bool()
+        return self.key_valid[:, :end]
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select/permute batch rows in place (beam search)."""
+        for buf in (self.k, self.v):
+            for i, t in enumerate(buf):
+                buf[i] = t.index_select(0, index)
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid.index_select(0, index)
+        self.batch_size = int(index.numel())

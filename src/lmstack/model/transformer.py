@@ -1,0 +1,141 @@
+"""The lmstack Transformer: a LLaMA-family decoder (Touvron et al. 2023).
+
+Design, every choice in one place (all of them set by ``ModelConfig``):
+
+- token embedding -> ``n_layers`` x Block -> RMSNorm -> LM head (optionally tied to the embedding)
+- Block: x + Attention(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))   (pre-norm, no biases except
+  Qwen2's optional q/k/v bias)
+- Attention: RoPE on q and k (rotate-half pairing, ``rope_theta``, optional scaling); MHA / GQA /
+  MQA through ``n_kv_heads``; optional sliding window (Mistral); one ``lmstack.kernels.attention``
+  call per layer, whatever the backend
+- positions come from the KV cache offset, explicit ``positions`` (left-padded batches) or the
+  packed-sequence metadata ``seqs`` (restart per document)
+- submodule names follow HF LLaMA (``embed_tokens``, ``layers.N.self_attn.q_proj`` …,
+  ``mlp.gate_proj`` …, ``input_layernorm``, ``post_attention_layernorm``, ``norm``, ``lm_head``)
+  so state-dict keys and PEFT target lists carry over
+- init: N(0, init_std), residual output projections scaled by 1/sqrt(2 n_layers)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..config import ModelConfig
+from .attention import Attention, AttnContext
+from .cache import KVCache
+from .init import init_weights
+from .mlp import MLP
+from .norm import RMSNorm
+from .rope import rope_inv_freq, rope_tables
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, attn_backend: str | None = None):
+        super().__init__()
+        self.config = cfg
+        self.attn_backend = attn_backend  # None: lmstack.kernels picks the best for the device
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = self.rope_buffers(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        init_weights(self, cfg)
+
+    @staticmethod
+    def rope_buffers(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin tables (max_seq_len, head_dim), float32; not saved in checkpoints."""
+        return rope_tables(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), cfg.max_seq_len)
+
+    # -- KV cache -----------------------------------------------------------------------------
+    def setup_cache(
+        self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """Allocate a KV cache for ``batch_size`` rows of up to ``max_len`` tokens (default: context)."""
+        cfg = self.config
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache max_len={max_len} exceeds the model context max_seq_len={cfg.max_seq_len}")
+        p = self.embed_tokens.weight
+        return KVCache(
+            cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_len,
+            dtype=dtype or p.dtype, device=device or p.device,
+        )
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        seqs: kernels.Seqs | None = None,
+        pad_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_hidden: bool = False,
+    ):
+        """input_ids (B, T) -> logits (B, T, vocab) (or the last ``logits_to_keep`` positions).
+
+        positions: (B, T) or (T,) RoPE positions; default: cache offset + arange(T), or
+            ``seqs.positions`` for packed batches.
+        cache: a ``KVCache`` from ``setup_cache``; the new keys/values are appended to it.
+        seqs: packed-document metadata (``lmstack.kernels.Seqs``): attention stays within documents.
+        pad_mask: (B, T) False at padding tokens of ``input_ids`` (left padding); with a cache it
+            is remembered for later decode steps.
+        return_hidden: also return the final (normed) hidden state (B, T, dim).
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if positions is None and seqs is not None:
+            positions = seqs.positions
+        if positions is None:
+            if start + T > self.config.max_seq_len:
+                raise ValueError(
+                    f"sequence of {start + T} tokens exceeds the model context max_seq_len={self.config.max_seq_len}"
+                )
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, D)
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B|1, T, D)
+        if cos.dim() == 2:
+            cos, sin = cos[None, None], sin[None, None]  # (1, 1, T, D)
+        else:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
+
+        key_valid = cache.mark(T, pad_mask) if cache is not None else pad_mask
+        ctx = AttnContext(cos=cos, sin=sin, cache=cache, seqs=seqs, key_valid=key_valid, backend=self.attn_backend)
+        x = self.embed_tokens(input_ids)  # (B, T, dim)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        if cache is not None:
+            cache.advance(T)
+        h = self.norm(x)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, vocab)
+        return (logits, h) if return_hidden else logits
+
+    def num_params(self, *, trainable_only: bool = False) -> int:
+        seen, n = set(), 0
+        for p in self.parameters():
+            if id(p) in seen or (trainable_only and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            n += p.numel()
+        return n

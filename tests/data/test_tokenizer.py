@@ -1,0 +1,98 @@
+"""Byte-level BPE tokenizer: exact round trip, special tokens only by id, byte counts, files."""
+
+import json
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmstack.data.tokenizer import BOS, EOS, PAD, Tokenizer
+
+CORPUS = ["the quick brown fox jumps over the lazy dog. " * 20,
+          "To be, or not to be, that is the question:\n" * 20,
+          "naïve café — 東京 😀 <|eos|> tab\tnewline\n" * 10]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(CORPUS, vocab_size=320)
+
+
+def test_train_layout(tok):
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
+    assert [tok.id_to_token(i) for i in range(3)] == [BOS, EOS, PAD]
+    assert 259 < tok.vocab_size <= 320
+    assert tok.token_to_id(EOS) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_round_trip(tok, s):
+    assert tok.decode(tok.encode(s)) == s
+
+
+pieces = st.one_of(st.text(max_size=8), st.sampled_from([BOS, EOS, PAD, "<|", "|>", " ", "\n"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(pieces, max_size=12).map("".join))
+def test_special_strings_stay_text(tok, s):
+    ids = tok.encode(s, add_bos=True, add_eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert not {tok.bos_id, tok.eos_id, tok.pad_id} & set(ids[1:-1])
+    assert tok.decode(ids) == s
+    assert tok.decode(ids, skip_special_tokens=False) == BOS + s + EOS
+
+
+def test_batch_and_tensor(tok):
+    texts = ["hello  world", "", "<|pad|>x", "日本語\n\n"]
+    batch = tok.encode_batch(texts, add_eos=True)
+    assert batch == [tok.encode(t, add_eos=True) for t in texts]
+    assert [tok.decode(torch.tensor(ids)) for ids in batch] == texts
+
+
+def test_token_bytes(tok):
+    nbytes = tok.token_bytes()
+    assert nbytes.shape == (tok.vocab_size,) and nbytes.dtype.name == "int32"
+    assert list(nbytes[:3]) == [0, 0, 0]
+    rng = random.Random(0)
+    alphabet = "abc xyz\n.é東😀<|>"
+    for _ in range(50):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 200)))
+        ids = tok.encode(text, add_bos=True, add_eos=True)
+        assert int(nbytes[ids].sum()) == len(text.encode())
+
+
+def test_save_load(tok, tmp_path):
+    text = "To be, or not to be: <|eos|> 😀"
+    path = tok.save(tmp_path)  # a directory
+    assert path == tmp_path / "tokenizer.json"
+    assert not [p for p in tmp_path.iterdir() if p.name != "tokenizer.json"]  # no temp left
+    for src in (tmp_path, path):
+        loaded = Tokenizer.from_file(src)
+        assert loaded.encode(text) == tok.encode(text)
+        assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (0, 1, 2)
+    assert tok.save(tmp_path / "other.json") == tmp_path / "other.json"
+
+
+def test_config_names_special_tokens(tok, tmp_path):
+    tok.save(tmp_path)
+    cfg = {"bos_token": {"content": EOS, "lstrip": False}, "eos_token": PAD, "pad_token": None}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    loaded = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (1, 2, None)
+
+
+def test_errors(tok, tmp_path):
+    with pytest.raises(ValueError, match="tokenizer file not found: .*nope"):
+        Tokenizer.from_file(tmp_path / "nope")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="could not read tokenizer"):
+        Tokenizer.from_file(tmp_path)
+    with pytest.raises(ValueError, match="too small"):
+        Tokenizer.train(CORPUS, vocab_size=100)
+    no_bos = Tokenizer(tok.hf, bos=None)
+    with pytest.raises(ValueError, match="no BOS token"):
+        no_bos.encode("x", add_bos=True)
