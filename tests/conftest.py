@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own LMSTACK_HOME: no test reads or writes the user's cache."""
+    monkeypatch.setenv("LMSTACK_HOME", str(tmp_path_factory.mktemp("lmstack_home")))
+
+
+@pytest.fixture
+def seed():
+    """Fresh random inputs each run, printed on failure so it can be replayed."""
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    print(f"torch seed {s}")
+    return s

@@ -1,0 +1,167 @@
+"""generate / generate_stream against HF ``LlamaForCausalLM.generate`` on the same random weights."""
+
+import pytest
+import torch
+
+import lmstack
+from lmstack.generate import GenerateOutput, generate, generate_stream
+
+pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+V, MAX_LEN = 128, 128
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A random tiny GQA Llama in HF and the same weights in lmstack. Weights are scaled up so the
+    next-token distributions are peaked and greedy decoding has no near-ties to flip."""
+    hc = LlamaConfig(
+        vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, max_position_embeddings=MAX_LEN, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )
+    h = LlamaForCausalLM(hc).eval()
+    with torch.no_grad():
+        for name, p in h.named_parameters():
+            if "norm" not in name:
+                p.mul_(4.0)
+    # No EOS / pad unless a test passes them (the config's default eos would stop HF early).
+    h.generation_config.eos_token_id = None
+    h.generation_config.bos_token_id = None
+    h.generation_config.pad_token_id = None
+    cfg = lmstack.ModelConfig(vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=MAX_LEN)
+    m = lmstack.Transformer(cfg).eval()
+    m.load_state_dict({k.removeprefix("model."): v for k, v in h.state_dict().items()})
+    return h, m
+
+
+def hf_greedy(h, ids, n, **kw):
+    with torch.no_grad():
+        return h.generate(ids, max_new_tokens=n, do_sample=False, **kw)
+
+
+def ragged(lengths):
+    return [torch.randint(0, V, (n,)).tolist() for n in lengths]
+
+
+def hf_left_pad(prompts, pad):
+    T = max(map(len, prompts))
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = 1
+    return ids, mask
+
+
+def test_greedy_batch1_matches_hf(models):
+    h, m = models
+    ids = torch.randint(0, V, (1, 9))
+    out = generate(m, ids, 40)
+    assert isinstance(out, GenerateOutput) and out.scores is None
+    assert out.sequences.shape == (1, 49)
+    assert torch.equal(out.sequences, hf_greedy(h, ids, 40))
+
+
+def test_greedy_equal_length_batch_matches_hf(models):
+    h, m = models
+    ids = torch.randint(0, V, (4, 7))
+    out = generate(m, ids, 25, temperature=None)
+    assert torch.equal(out.sequences, hf_greedy(h, ids, 25))
+
+
+def test_greedy_ragged_matches_hf_left_padding(models):
+    h, m = models
+    prompts, pad = ragged([5, 11, 1, 8]), 3
+    ids, mask = hf_left_pad(prompts, pad)
+    ref = hf_greedy(h, ids, 20, attention_mask=mask, pad_token_id=pad)
+    assert torch.equal(generate(m, prompts, 20, pad_token_id=pad).sequences, ref)
+    # The same batch given as a padded tensor with an HF-style attention mask.
+    assert torch.equal(generate(m, ids, 20, attention_mask=mask, pad_token_id=pad).sequences, ref)
+
+
+def test_greedy_ragged_rows_equal_unpadded_runs(models):
+    _, m = models
+    prompts = ragged([6, 2, 9])
+    out = generate(m, prompts, 12, pad_token_id=0).sequences
+    for i, p in enumerate(prompts):
+        alone = generate(m, [p], 12).sequences[0]
+        assert torch.equal(out[i, out.shape[1] - len(p) - 12:], alone)
+
+
+def test_repetition_penalty_greedy_matches_hf(models):
+    h, m = models
+    prompts, pad = ragged([4, 10, 7]), 5
+    ids, mask = hf_left_pad(prompts, pad)
+    ref = hf_greedy(h, ids, 20, attention_mask=mask, pad_token_id=pad, repetition_penalty=1.8)
+    assert torch.equal(generate(m, prompts, 20, pad_token_id=pad, repetition_penalty=1.8).sequences, ref)
+
+
+def test_eos_matches_hf(models):
+    h, m = models
+    prompts = ragged([6, 9, 3])
+    free = generate(m, prompts, 24, pad_token_id=0).sequences
+    T = free.shape[1] - 24
+    eos = int(free[0, T + 3])  # row 0 certainly reaches it, at step 3 at the latest
+    pad = (eos + 1) % V
+    ids, mask = hf_left_pad(prompts, pad)
+    ref = hf_greedy(h, ids, 24, attention_mask=mask, pad_token_id=pad, eos_token_id=eos)
+    out = generate(m, prompts, 24, pad_token_id=pad, eos_token_id=eos).sequences
+    assert torch.equal(out, ref)
+    # After a row's EOS only padding follows; decoding stopped as soon as every row had ended.
+    for row in out[:, T:]:
+        hits = (row == eos).nonzero()
+        if len(hits):
+            assert (row[int(hits[0]) + 1:] == pad).all()
+    # A list of EOS ids, and no EOS handling at all.
+    assert torch.equal(generate(m, prompts, 24, pad_token_id=pad, eos_token_id=[V - 1, eos]).sequences,
+                       hf_greedy(h, ids, 24, attention_mask=mask, pad_token_id=pad, eos_token_id=[V - 1, eos]))
+    assert generate(m, prompts, 24, pad_token_id=pad, eos_token_id=eos, stop_on_eos=False).sequences.shape[1] == T + 24
+
+
+def test_sampling_is_seeded(models):
+    _, m = models
+    ids = torch.randint(0, V, (3, 5))
+    kw = dict(temperature=1.3, top_k=20)
+    a = generate(m, ids, 30, seed=7, **kw).sequences
+    b = generate(m, ids, 30, seed=7, **kw).sequences
+    c = generate(m, ids, 30, seed=8, **kw).sequences
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :5], ids)
+    full = generate(m, ids, 30, seed=7, temperature=1.3, top_p=0.9, min_p=0.05, typical_p=0.95, repetition_penalty=1.2)
+    assert full.sequences.shape == (3, 35)
+
+
+def test_generate_stream_yields_generate_tokens(models):
+    _, m = models
+    prompt = torch.randint(0, V, (8,)).tolist()
+    greedy = generate(m, [prompt], 20).sequences[0, 8:].tolist()
+    assert list(generate_stream(m, prompt, 20)) == greedy
+    eos = greedy[5]
+    stop = greedy.index(eos)
+    assert list(generate_stream(m, torch.tensor(prompt), 20, eos_token_id=eos)) == greedy[:stop]
+    sampled = generate(m, [prompt], 20, temperature=0.8, top_k=10, seed=3).sequences[0, 8:].tolist()
+    assert list(generate_stream(m, prompt, 20, temperature=0.8, top_k=10, seed=3)) == sampled
+
+
+def test_bad_inputs(models):
+    _, m = models
+    with pytest.raises(ValueError, match=r"120 tokens.*max_new_tokens=20.*max_seq_len=128"):
+        generate(m, torch.zeros(1, 120, dtype=torch.long), 20)
+    with pytest.raises(ValueError, match="max_seq_len=128"):
+        generate_stream(m, [1] * 100, 50)  # raised at the call, before iterating
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(m, torch.zeros(2, 0, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(m, [[1, 2], []], 5)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(m, [[1, 2]], 5, temperature=-1.0)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        generate(m, [[1, 2]], 5, num_beams=4)
+
+
+def test_generate_leaves_grad_mode_alone(models):
+    _, m = models
+    stream = generate_stream(m, [1, 2, 3], 5)
+    next(stream)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()

@@ -1,0 +1,48 @@
+"""Random-init tiny Hugging Face models and the same weights in lmstack, for parity tests."""
+
+from __future__ import annotations
+
+import torch
+
+import lmstack
+
+FAMILIES = ("llama", "qwen2", "mistral")
+
+
+def tiny_hf(family: str = "llama", *, vocab=128, dim=64, layers=2, heads=4, kv_heads=2, ffn=96, max_len=128,
+            window=None, tied=None, scale=1.0, seed=0):
+    """(hf_model, lmstack_model) with identical weights, fp32, eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=max_len)
+    if family == "llama":
+        hc = tf.LlamaConfig(**common, rms_norm_eps=1e-5, tie_word_embeddings=bool(tied))
+        hf = tf.LlamaForCausalLM(hc)
+    elif family == "qwen2":
+        hc = tf.Qwen2Config(**common, rms_norm_eps=1e-6, tie_word_embeddings=True if tied is None else tied)
+        hf = tf.Qwen2ForCausalLM(hc)
+    elif family == "mistral":
+        hc = tf.MistralConfig(**common, rms_norm_eps=1e-5, sliding_window=window or 8, tie_word_embeddings=bool(tied))
+        hf = tf.MistralForCausalLM(hc)
+    else:
+        raise ValueError(family)
+    hf.eval()
+    if scale != 1.0:  # peaked output distributions: no near-ties in greedy/beam comparisons
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if p.dim() == 2:
+                    p.mul_(scale)
+    cfg = lmstack.ModelConfig(
+        vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads, ffn_dim=ffn,
+        max_seq_len=max_len, norm_eps=hc.rms_norm_eps, tie_embeddings=hc.tie_word_embeddings,
+        qkv_bias=family == "qwen2", sliding_window=(window or 8) if family == "mistral" else None,
+    )
+    m = lmstack.Transformer(cfg)
+    sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return hf, m.eval()
