@@ -29,7 +29,9 @@ def models():
     h.generation_config.eos_token_id = None
     h.generation_config.bos_token_id = None
     h.generation_config.pad_token_id = None
-    cfg = lmstack.ModelConfig(vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=MAX_LEN)
+    cfg = lmstack.ModelConfig(
+        vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=MAX_LEN
+    )
     m = lmstack.Transformer(cfg).eval()
     m.load_state_dict({k.removeprefix("model."): v for k, v in h.state_dict().items()})
     return h, m
@@ -130,6 +132,11 @@ def test_sampling_is_seeded(models):
     assert torch.equal(a[:, :5], ids)
     full = generate(m, ids, 30, seed=7, temperature=1.3, top_p=0.9, min_p=0.05, typical_p=0.95, repetition_penalty=1.2)
     assert full.sequences.shape == (3, 35)
+    prompts = ragged([3, 7])  # sampling with left padding: the penalty skips the padding
+    kw = dict(temperature=0.9, repetition_penalty=1.3, pad_token_id=0, seed=1)
+    r = generate(m, prompts, 10, **kw).sequences
+    assert torch.equal(r, generate(m, prompts, 10, **kw).sequences)
+    assert r.shape == (2, 17)
 
 
 def test_generate_stream_yields_generate_tokens(models):
@@ -156,6 +163,8 @@ def test_bad_inputs(models):
         generate(m, [[1, 2], []], 5)
     with pytest.raises(ValueError, match="temperature"):
         generate(m, [[1, 2]], 5, temperature=-1.0)
+    with pytest.raises(ValueError, match="right padding"):
+        generate(m, torch.ones(2, 4, dtype=torch.long), 5, attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
     with pytest.raises(NotImplementedError, match="beam search"):
         generate(m, [[1, 2]], 5, num_beams=4)
 

@@ -53,7 +53,8 @@ def test_filters_match_hf(ties):
             same(min_p_filter(logits, p, keep), lp.MinPLogitsWarper(p, min_tokens_to_keep=keep)(ids, logits.clone()))
     for mass in (0.2, 0.9, 0.99):
         for keep in (1, 2):
-            same(typical_filter(logits, mass, keep), lp.TypicalLogitsWarper(mass, min_tokens_to_keep=keep)(ids, logits.clone()))
+            hf = lp.TypicalLogitsWarper(mass, min_tokens_to_keep=keep)(ids, logits.clone())
+            same(typical_filter(logits, mass, keep), hf)
     for temp in (0.3, 1.7):
         same(apply_temperature(logits, temp), lp.TemperatureLogitsWarper(temp)(ids, logits.clone()))
 
@@ -70,7 +71,8 @@ def test_repetition_penalty_matches_hf_and_skips_padding():
     logits = random_logits()
     ids = torch.randint(0, V, (B, T))
     for penalty in (0.7, 1.3, 2.0):
-        same(apply_repetition_penalty(logits, ids, penalty), lp.RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone()))
+        hf = lp.RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+        same(apply_repetition_penalty(logits, ids, penalty), hf)
     # HF generate ignores left padding: prompt_ignore_length = number of leading pad positions.
     lengths = torch.randint(1, T + 1, (B,))
     mask = left_padding(lengths)

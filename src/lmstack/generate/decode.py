@@ -71,12 +71,15 @@ def prepare_inputs(
     if isinstance(input_ids, torch.Tensor):
         ids = input_ids[None] if input_ids.dim() == 1 else input_ids
         if ids.dim() != 2 or ids.dtype.is_floating_point:
-            raise ValueError(f"input_ids must be integer token ids shaped (batch, seq_len), got {tuple(input_ids.shape)} {input_ids.dtype}")
+            raise ValueError(
+                f"input_ids must be integer token ids shaped (batch, seq_len); "
+                f"got {tuple(input_ids.shape)} {input_ids.dtype}"
+            )
         mask = None
         if attention_mask is not None:
             mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
             if mask.shape != ids.shape:
-                raise ValueError(f"attention_mask {tuple(mask.shape)} must have the shape of input_ids {tuple(ids.shape)}")
+                raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}")
             mask = mask.to(device=device, dtype=torch.bool)
     else:
         if attention_mask is not None:
@@ -94,6 +97,8 @@ def prepare_inputs(
         empty = ~mask.any(dim=1)
         if bool(empty.any()):
             raise ValueError(f"empty prompt: row(s) {empty.nonzero().flatten().tolist()} have no tokens")
+        if not bool(mask[:, -1].all()):
+            raise ValueError("attention_mask shows right padding; left-pad the prompts (padding first, as HF expects)")
         if bool(mask.all()):
             mask = None  # nothing padded: no mask, no positions, the fast path
     return ids, mask
@@ -138,7 +143,9 @@ def make_chooser(
     penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
     if is_greedy(temperature) and penalty is None:
         return lambda logits, ids, mask: logits.argmax(dim=-1)
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, repetition_penalty=penalty)
+    kw = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, repetition_penalty=penalty
+    )
 
     def choose(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         scores = process_logits(logits.float(), ids, input_mask=mask, **kw)
@@ -186,7 +193,7 @@ def generate(
     )
     eos = as_id_list(eos_token_id) if stop_on_eos else []
     pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
-    device = model.lm_head.weight.device
+    device = next(model.parameters()).device
     ids, pad_mask = prepare_inputs(input_ids, attention_mask, pad_id if pad_id is not None else 0, device)
     check_length(model, ids.shape[1], max_new_tokens)
     if num_beams > 1:
@@ -268,8 +275,8 @@ def generate_stream(
     )
     prompt = torch.as_tensor(input_ids, dtype=torch.long)
     if prompt.dim() != 1:
-        raise ValueError(f"generate_stream takes one prompt, a 1-D list or tensor of ids; got shape {tuple(prompt.shape)}")
-    device = model.lm_head.weight.device
+        raise ValueError(f"generate_stream takes one prompt, a 1-D list or tensor of ids; got {tuple(prompt.shape)}")
+    device = next(model.parameters()).device
     ids, _ = prepare_inputs(prompt, None, 0, device)  # (1, T)
     check_length(model, ids.shape[1], max_new_tokens)
     choose = make_chooser(
@@ -280,7 +287,10 @@ def generate_stream(
 
 
 @torch.inference_mode()  # on a generator: the mode is entered around each resume, not left on between yields
-def stream_loop(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, choose, *, eos: set[int]) -> Iterator[int]:
+def stream_loop(
+    model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, choose, *, eos: set[int]
+) -> Iterator[int]:
+    """The decode loop for one prompt (1, T), yielding each new token as a Python int."""
     T = ids.shape[1]
     cache = model.setup_cache(1, T + max_new_tokens)
     seq = ids.new_empty(1, T + max_new_tokens)

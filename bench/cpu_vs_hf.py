@@ -1,0 +1,268 @@
+"""lmstack vs Hugging Face transformers on the same tiny model, same weights, same data, one run.
+
+Measures, on whatever device this runs on (CPU by default):
+  1. training throughput (tokens/s): forward + backward + AdamW step, batch 16 x 256;
+  2. greedy batch-1 decode throughput (tokens/s): 200 new tokens after a 32-token prompt, with each
+     library's own ``generate`` (and checks that both produce the same tokens);
+  3. validation bits per byte reached in the same wall-clock training budget (time-based
+     warmup + cosine schedule, identical initial weights and batch order).
+
+Writes bench/results/cpu_vs_hf.json and updates the table in docs/benchmarks.md.
+
+    python bench/cpu_vs_hf.py [--budget 120] [--threads 2] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lmstack
+from lmstack.data.corpus import load_dataset, prepare_shakespeare
+from lmstack.data.packing import get_windows, sample_batch
+from lmstack.generate import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hf_twin(model: lmstack.Transformer):
+    """An HF LlamaForCausalLM with the same architecture and the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    hc = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads, intermediate_size=c.ffn_dim, max_position_embeddings=c.max_seq_len,
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    hf = LlamaForCausalLM(hc)
+    sd = {("model." + k if k != "lm_head.weight" else k): v for k, v in model.state_dict().items()}
+    hf.load_state_dict(sd, strict=False)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = None
+    return hf
+
+
+def lm_loss(model, x, y):
+    return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+
+
+def hf_loss(model, x, y):
+    # What an HF user writes: labels = inputs, the model shifts internally. We pass the unshifted
+    # window (x plus the last target) so both see exactly the same prediction problems.
+    ids = torch.cat([x, y[:, -1:]], dim=1)
+    return model(input_ids=ids, labels=ids).loss
+
+
+def train_throughput(model, loss_fn, data, B, T, steps=8, warmup=2):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    times = []
+    for i in range(steps + warmup):
+        x, y = sample_batch(data.train, B, T, g)
+        t = time.perf_counter()
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    times.sort()
+    return B * T / times[len(times) // 2]  # median step
+
+
+def decode_throughput(run, repeats=3):
+    best = 0.0
+    out = None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = run()
+        best = max(best, NEW_TOKENS / (time.perf_counter() - t))
+    return best, out
+
+
+@torch.no_grad()
+def val_bpb(forward, data, T, token_bytes, batch=16):
+    val = data.val
+    n = (len(val) - 1) // T
+    nats, nbytes = 0.0, 0
+    for i in range(0, n, batch):
+        x, y = get_windows(val, [j * T for j in range(i, min(n, i + batch))], T)
+        nll = F.cross_entropy(forward(x).float().flatten(0, 1), y.flatten(), reduction="none")
+        b = token_bytes[y.flatten()]
+        nats += (nll * (b > 0)).sum().item()
+        nbytes += b.sum().item()
+    return nats / math.log(2) / nbytes
+
+
+def train_for_budget(model, loss_fn, data, B, T, budget, lr=3e-3, warmup_frac=0.05):
+    """Train for `budget` seconds with a time-based warmup + cosine schedule; return steps taken."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(1)
+    model.train()
+    start, steps = time.perf_counter(), 0
+    while (frac := (time.perf_counter() - start) / budget) < 1.0:
+        scale = frac / warmup_frac if frac < warmup_frac else 0.1 + 0.45 * (1 + math.cos(math.pi * frac))
+        for grp in opt.param_groups:
+            grp["lr"] = lr * min(1.0, scale)
+        x, y = sample_batch(data.train, B, T, g)
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps += 1
+    model.eval()
+    return steps
+
+
+NEW_TOKENS = 200
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=float, default=120.0, help="seconds of training per library for the bpb race")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--skip-race", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        data = load_dataset("shakespeare")
+    except Exception:
+        prepare_shakespeare()
+        data = load_dataset("shakespeare")
+    token_bytes = torch.from_numpy(data.tokenizer().token_bytes().astype("int64"))
+    B, T = args.batch, args.seq
+    cfg = lmstack.ModelConfig.from_preset("tiny", vocab_size=data.vocab_size)
+
+    torch.manual_seed(0)
+    ours = lmstack.Transformer(cfg)
+    theirs = hf_twin(ours)
+    results: dict = {"config": cfg.to_dict(), "batch": B, "seq_len": T, "threads": args.threads}
+
+    # 1. training throughput, interleaved twice to even out machine noise
+    tp = {"lmstack": [], "hf": []}
+    for _ in range(2):
+        tp["lmstack"].append(train_throughput(ours, lm_loss, data, B, T))
+        tp["hf"].append(train_throughput(theirs, hf_loss, data, B, T))
+    results["train_tok_s"] = {k: max(v) for k, v in tp.items()}
+
+    # 2. greedy batch-1 decode (fresh identical weights so the outputs can be compared)
+    torch.manual_seed(0)
+    ours = lmstack.Transformer(cfg).eval()
+    theirs = hf_twin(ours).eval()
+    prompt = torch.from_numpy(data.val[:32].astype("int64"))[None]
+    ours_tps, ours_out = decode_throughput(
+        lambda: generate(ours, prompt, max_new_tokens=NEW_TOKENS, temperature=0.0).sequences)
+    with torch.inference_mode():
+        hf_tps, hf_out = decode_throughput(lambda: theirs.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            do_sample=False))
+    results["decode_tok_s"] = {"lmstack": ours_tps, "hf": hf_tps}
+    results["decode_same_tokens"] = bool(torch.equal(ours_out, hf_out))
+
+    # 3. bits per byte after the same wall-clock budget
+    if not args.skip_race:
+        race = {}
+        for name in ("lmstack", "hf"):
+            torch.manual_seed(0)
+            m = lmstack.Transformer(cfg)
+            if name == "hf":
+                m = hf_twin(m)
+                steps = train_for_budget(m, hf_loss, data, B, T, args.budget)
+                bpb = val_bpb(lambda x: m(input_ids=x).logits, data, T, token_bytes)
+            else:
+                steps = train_for_budget(m, lm_loss, data, B, T, args.budget)
+                bpb = val_bpb(m, data, T, token_bytes)
+            race[name] = {"steps": steps, "val_bpb": bpb}
+        results["race"] = {"budget_s": args.budget, **race}
+
+    results["ratios"] = {
+        "train_tok_s": results["train_tok_s"]["lmstack"] / results["train_tok_s"]["hf"],
+        "decode_tok_s": results["decode_tok_s"]["lmstack"] / results["decode_tok_s"]["hf"],
+    }
+    results["meta"] = meta()
+    out = ROOT / "bench" / "results" / "cpu_vs_hf.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    table = render(results)
+    update_docs("cpu_vs_hf", table)
+    print(table)
+
+
+def meta() -> dict:
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    cpu = "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu} ({torch.get_num_threads()} threads)"
+    return {"date": datetime.date.today().isoformat(), "commit": commit, "device": device,
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def render(r: dict) -> str:
+    m = r["meta"]
+    lines = [
+        f"device: {m['device']} | torch {m['torch']} | transformers {m['transformers']} | {m['date']} | commit {m['commit']}",
+        f"model: tiny preset ({lmstack.ModelConfig.from_dict(r['config']).n_params / 1e6:.2f}M params), "
+        f"batch {r['batch']} x {r['seq_len']}, fp32",
+        "",
+        "| measure | lmstack | HF transformers | ratio |",
+        "|---|---|---|---|",
+        f"| training tokens/s | {r['train_tok_s']['lmstack']:,.0f} | {r['train_tok_s']['hf']:,.0f} | "
+        f"{r['ratios']['train_tok_s']:.2f}x |",
+        f"| greedy batch-1 decode tokens/s | {r['decode_tok_s']['lmstack']:,.0f} | {r['decode_tok_s']['hf']:,.0f} | "
+        f"{r['ratios']['decode_tok_s']:.2f}x |",
+    ]
+    if "race" in r:
+        a, b = r["race"]["lmstack"], r["race"]["hf"]
+        lines.append(
+            f"| val bits/byte after {r['race']['budget_s']:.0f}s of training | {a['val_bpb']:.3f} ({a['steps']} steps) | "
+            f"{b['val_bpb']:.3f} ({b['steps']} steps) | {'lower' if a['val_bpb'] < b['val_bpb'] else 'HIGHER'} |")
+    lines.append(f"\ngreedy outputs identical: {r['decode_same_tokens']}")
+    return "\n".join(lines)
+
+
+def update_docs(section: str, body: str) -> None:
+    """Replace the block between `<!-- section -->` markers in docs/benchmarks.md."""
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    block = f"{start}\n{body}\n{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + f"\n\n{block}\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
