@@ -130,12 +130,20 @@ def cmd_train(args) -> int:
 def _load_for_generation(args):
     import torch
 
+    from .data.tokenizer import Tokenizer
+    from .interop import from_hf
     from .train.checkpoint import load_checkpoint
 
+    if bool(args.checkpoint) == bool(args.hf):
+        raise ValueError("pass exactly one of --checkpoint DIR (lmstack) or --hf DIR (Hugging Face)")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load_checkpoint(args.checkpoint, device=device)
+    if args.hf:
+        model = from_hf(args.hf, device=device)
+        tok = Tokenizer.from_file(args.hf) if (Path(args.hf) / "tokenizer.json").is_file() else None
+    else:
+        model, tok = load_checkpoint(args.checkpoint, device=device)
     if tok is None:
-        raise FileNotFoundError(f"{args.checkpoint} has no tokenizer.json; generation needs one")
+        raise FileNotFoundError(f"{args.checkpoint or args.hf} has no tokenizer.json; generation needs one")
     return model, tok
 
 
@@ -171,6 +179,29 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             shown = text
     sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import shutil
+
+    from .interop import from_hf, to_hf
+    from .io import atomic_dir
+    from .train.checkpoint import load_model, resolve_checkpoint, save_model_dir
+
+    if bool(args.from_hf) == bool(args.to_hf):
+        raise ValueError("pass exactly one of --from-hf HF_DIR or --to-hf LMSTACK_CHECKPOINT")
+    if args.from_hf:
+        model = from_hf(args.from_hf)
+        with atomic_dir(args.out) as tmp:
+            save_model_dir(model, tmp)
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                if (Path(args.from_hf) / name).is_file():
+                    shutil.copyfile(Path(args.from_hf) / name, tmp / name)
+    else:
+        ckpt = resolve_checkpoint(args.to_hf)
+        to_hf(load_model(ckpt), args.out, tokenizer_dir=ckpt)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -222,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     ge = sub.add_parser("generate", help="sample text from a checkpoint")
-    ge.add_argument("--checkpoint", required=True, help="checkpoint folder or run directory")
+    ge.add_argument("--checkpoint", help="lmstack checkpoint folder or run directory")
+    ge.add_argument("--hf", help="Hugging Face model directory (config.json + safetensors + tokenizer.json)")
     ge.add_argument("--prompt", required=True, help="prompt text (\\n for newlines)")
     ge.add_argument("--max-new-tokens", type=int, default=200)
     ge.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -235,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--no-stream", action="store_true", help="print once at the end")
     ge.add_argument("--device", default="auto")
     ge.set_defaults(func=cmd_generate)
+
+    co = sub.add_parser("convert", help="convert between HF and lmstack checkpoint directories")
+    co.add_argument("--from-hf", help="HF Llama/Qwen2/Mistral directory to read")
+    co.add_argument("--to-hf", help="lmstack checkpoint (or run directory) to write as HF")
+    co.add_argument("--out", required=True, help="directory to write (replaced atomically)")
+    co.set_defaults(func=cmd_convert)
 
     inf = sub.add_parser("info", help="describe a checkpoint")
     inf.add_argument("--checkpoint", required=True)

@@ -148,9 +148,9 @@ def _check_rope_scaling(rs: dict[str, Any]) -> dict[str, Any]:
 # Each preset names its source. Shapes only: weights come from `lmstack.from_hf`.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
-        "source": "lmstack demo model (Shakespeare, byte-level BPE 4096), ~5M parameters",
+        "source": "lmstack demo model (Shakespeare, byte-level BPE 4096), ~3M parameters, sized for 10 CPU minutes",
         "config": dict(
-            vocab_size=4096, dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=768,
+            vocab_size=4096, dim=192, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=512,
             norm_eps=1e-5, rope_theta=10000.0, max_seq_len=256, tie_embeddings=True,
         ),
     },

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import functools
+
 import torch
 
 from .sampling import check_sampling_args, is_greedy, process_logits, sample
@@ -44,6 +46,14 @@ def decode_step(
 ) -> torch.Tensor:
     """Feed one token per row (B, 1) at the cache's end; return the next-token logits (B, V)."""
     return model(token, positions=positions, cache=cache, logits_to_keep=1)[:, -1]
+
+
+@functools.cache
+def compiled_decode_step():
+    """``decode_step`` through ``torch.compile`` (gpt-fast): one graph for every cache length
+    (``dynamic=True``), elementwise ops fused around the matmuls. The first call compiles (tens of
+    seconds on a CPU); later calls, and later ``generate`` calls, reuse it."""
+    return torch.compile(decode_step, dynamic=True)
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -171,7 +181,11 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     seed: int | None = None,
     num_beams: int = 1,
+    num_return_sequences: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
     stop_on_eos: bool = True,
+    compile: bool = False,
 ) -> GenerateOutput:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -185,7 +199,20 @@ def generate(
         ignores EOS and always generates ``max_new_tokens``.
     seed: seeds a private ``torch.Generator``, so sampling is reproducible and leaves the global
         RNG alone.
-    Returns ``GenerateOutput(sequences=(B, T + T_new))``, T_new <= max_new_tokens.
+    compile: run the decode step through ``torch.compile`` (see ``compiled_decode_step``).
+    num_beams: > 1 = deterministic beam search (``lmstack.generate.beam``, HF's
+        ``generate(num_beams=N, do_sample=False)`` rules); needs temperature 0 or None.
+    num_return_sequences: with beam search, how many of the best hypotheses per prompt to return
+        (1 .. num_beams), best first: prompt b's are rows ``b * num_return_sequences ...``.
+    length_penalty: beam search ranks finished hypotheses by ``sum log p / L ** length_penalty``,
+        L = generated tokens (EOS included, prompt not); > 0 favours longer ones, < 0 shorter ones.
+    early_stopping: beam search stop rule, as HF: True = stop once ``num_beams`` hypotheses are
+        finished; False = also stop when the best running beam, at its current length, cannot beat
+        the worst finished one; "never" = the same but judged at ``max_new_tokens`` when
+        ``length_penalty > 0``.
+    Returns ``GenerateOutput(sequences=(B, T + T_new))``, T_new <= max_new_tokens; beam search
+    returns ``(B * num_return_sequences, T + T_new)`` and the final beam ``scores``
+    ``(B * num_return_sequences,)``, shorter hypotheses padded with ``pad_token_id``.
     """
     check_sampling_args(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
@@ -196,8 +223,18 @@ def generate(
     device = next(model.parameters()).device
     ids, pad_mask = prepare_inputs(input_ids, attention_mask, pad_id if pad_id is not None else 0, device)
     check_length(model, ids.shape[1], max_new_tokens)
-    if num_beams > 1:
-        raise NotImplementedError(BEAM_SEARCH_PENDING)  # lmstack.generate.beam plugs in here
+    if num_beams > 1 or num_return_sequences != 1:
+        from .beam import beam_search, check_beam_args  # imported here: beam builds on this module
+
+        check_beam_args(num_beams, num_return_sequences, length_penalty, early_stopping)
+        if not is_greedy(temperature):
+            raise ValueError(f"num_beams={num_beams} is deterministic beam search; pass temperature=0 (got {temperature})")
+
+        return beam_search(
+            model, ids, pad_mask, max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
+            length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
+            repetition_penalty=repetition_penalty, step_fn=compiled_decode_step() if compile else decode_step,
+        )
     if num_beams < 1:
         raise ValueError(f"num_beams={num_beams} must be >= 1")
     choose = make_chooser(
@@ -205,7 +242,8 @@ def generate(
         repetition_penalty=repetition_penalty, generator=make_generator(seed, device),
     )
     with torch.inference_mode():
-        seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0)
+        seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0,
+                          step_fn=compiled_decode_step() if compile else decode_step)
     return GenerateOutput(sequences=seq)
 
 
@@ -218,6 +256,7 @@ def decode_loop(
     *,
     eos: list[int],
     pad_id: int,
+    step_fn=decode_step,
 ) -> torch.Tensor:
     """Prefill, then one decode step per new token; returns the sequences (B, T + T_new)."""
     B, T = ids.shape
@@ -246,7 +285,7 @@ def decode_loop(
         t += 1
         if step == max_new_tokens - 1 or (eos_ids is not None and not bool(unfinished.any())):
             break
-        logits = decode_step(model, tok[:, None], cache, pos)
+        logits = step_fn(model, tok[:, None], cache, pos)
         if pos is not None:
             pos += 1
     return seq[:, :t]

@@ -42,8 +42,10 @@ class KVCache:
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def mark(self, T: int, pad_mask: torch.Tensor | None) -> torch.Tensor | None:
+    def mark(self, B: int, T: int, pad_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Record which of the next T keys are real; return key validity (B, length + T) or None."""
+        if B != self.batch_size:
+            raise ValueError(f"batch of {B} rows fed to a KV cache set up for {self.batch_size}; set up a new cache")
         end = self.length + T
         if end > self.max_len:
             raise ValueError(

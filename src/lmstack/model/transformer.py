@@ -65,6 +65,23 @@ class Transformer(nn.Module):
         """RoPE cos/sin tables (max_seq_len, head_dim), float32; not saved in checkpoints."""
         return rope_tables(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), cfg.max_seq_len)
 
+    @classmethod
+    def empty(cls, cfg: ModelConfig, *, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> "Transformer":
+        """A model with uninitialised weights allocated once, directly in ``dtype`` on ``device``
+        (for loaders that fill every weight: no random init, no second copy)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        if dtype is not None:
+            model = model.to(dtype=dtype)
+        model = model.to_empty(device=device or "cpu")
+        cos, sin = cls.rope_buffers(cfg)
+        model.rope_cos.copy_(cos)
+        model.rope_sin.copy_(sin)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model
+
     # -- KV cache -----------------------------------------------------------------------------
     def setup_cache(
         self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
@@ -120,7 +137,7 @@ class Transformer(nn.Module):
         else:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
 
-        key_valid = cache.mark(T, pad_mask) if cache is not None else pad_mask
+        key_valid = cache.mark(B, T, pad_mask) if cache is not None else pad_mask
         ctx = AttnContext(cos=cos, sin=sin, cache=cache, seqs=seqs, key_valid=key_valid, backend=self.attn_backend)
         x = self.embed_tokens(input_ids)  # (B, T, dim)
         for layer in self.layers:

@@ -139,21 +139,9 @@ def load_weights(model: Transformer, file: Path) -> None:
 def load_model(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device="cpu")
-    _reinit_buffers(model)
+    model = Transformer.empty(cfg, dtype=dtype, device=device)
     load_weights(model, ckpt / "model.safetensors")
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def _reinit_buffers(model: Transformer) -> None:
-    # Non-persistent buffers (RoPE tables) are not in the file: recompute them after to_empty.
-    fresh = Transformer.rope_buffers(model.config)
-    model.rope_cos.copy_(fresh[0])
-    model.rope_sin.copy_(fresh[1])
+    return model.eval()
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):

@@ -1,0 +1,207 @@
+"""Hugging Face checkpoints in and out: Llama, Qwen2 and Mistral causal LMs.
+
+lmstack names its modules as HF LLaMA does, so conversion is a key prefix (``model.``) plus a
+config translation. Loading streams one tensor at a time from (possibly sharded) safetensors into a
+model allocated directly in the target dtype, so peak memory is one copy of the weights plus one
+tensor. Saving writes a directory ``transformers.AutoModelForCausalLM.from_pretrained`` loads,
+sharded with an index above ``max_shard_bytes``, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..io import atomic_dir, open_safetensors, read_tensor, save_safetensors
+from ..model import Transformer
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+SUPPORTED = ", ".join(ARCHITECTURES)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _family(hf: dict[str, Any], path: Path) -> str:
+    archs = hf.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return ARCHITECTURES[a]
+    mt = hf.get("model_type")
+    if not archs and mt in ARCHITECTURES.values():
+        return mt
+    raise ValueError(f"{path}: architecture {archs or mt!r} is not supported; supported: {SUPPORTED}")
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """rope_theta and scaling from either spelling: 4.x ``rope_theta`` + ``rope_scaling``, 5.x
+    ``rope_parameters`` (which holds rope_theta too)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    if kind in (None, "default"):
+        return theta, None
+    out = {k: v for k, v in scaling.items() if k not in ("rope_type", "type")}
+    out["type"] = kind
+    return theta, out
+
+
+def config_from_hf(hf: dict[str, Any], path: Path | str = "config.json") -> ModelConfig:
+    """Translate an HF config dict into a ModelConfig (raising on features we do not implement)."""
+    path = Path(path)
+    family = _family(hf, path)
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
+    if hf.get("mlp_bias"):
+        raise ValueError(f"{path}: mlp_bias=true is not supported")
+    if family == "llama" and hf.get("attention_bias"):
+        raise ValueError(f"{path}: attention_bias=true (bias on q/k/v/o) is not supported")
+    window = None
+    if family == "mistral":
+        window = hf.get("sliding_window")
+    elif family == "qwen2" and hf.get("use_sliding_window"):
+        raise ValueError(f"{path}: Qwen2 use_sliding_window=true (per-layer windows) is not supported")
+    theta, scaling = _rope(hf)
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, ffn_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        max_seq_len=hf.get("max_position_embeddings", 2048), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2", sliding_window=window, init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """tensor name -> file, from a single model.safetensors or a sharded index."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
+        return {k: path / v for k, v in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(
+            f"{path} has no model.safetensors or model.safetensors.index.json (.bin checkpoints are not supported)"
+        )
+    return {k: single for k in open_safetensors(single).keys()}
+
+
+def _hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def from_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None) -> Transformer:
+    """Load an HF Llama / Qwen2 / Mistral checkpoint directory as an lmstack Transformer.
+
+    dtype: None uses the checkpoint's ``torch_dtype``/``dtype`` (float32 if absent).
+    """
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face model directory")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON ({e})") from None
+    cfg = config_from_hf(hf, cfg_file)
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    if dtype is None:
+        dtype = DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
+    files = _weight_files(path)
+    model = Transformer.empty(cfg, dtype=dtype, device=device)  # allocated once, in the target dtype
+    expected = {k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing = [k for k in expected if _hf_name(k) not in files]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks tensor(s) {[_hf_name(k) for k in missing[:5]]}")
+    by_file: dict[Path, list[str]] = {}
+    for k in expected:
+        by_file.setdefault(files[_hf_name(k)], []).append(k)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            handle = open_safetensors(file)
+            for k in names:
+                src = read_tensor(handle, _hf_name(k), file)
+                dst = expected[k]
+                if src.shape != dst.shape:
+                    raise ValueError(
+                        f"{file}: tensor {_hf_name(k)!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)} "
+                        "from config.json"
+                    )
+                dst.copy_(src)
+    return model.eval()
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    if cfg.qkv_bias:
+        if cfg.sliding_window is not None:
+            raise ValueError("a model with both q/k/v bias and a sliding window has no HF equivalent")
+        arch, model_type = "Qwen2ForCausalLM", "qwen2"
+    elif cfg.sliding_window is not None:
+        arch, model_type = "MistralForCausalLM", "mistral"
+    else:
+        arch, model_type = "LlamaForCausalLM", "llama"
+    out = {
+        "architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_dim, "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
+        "torch_dtype": str(dtype).removeprefix("torch."), "attention_dropout": 0.0,
+    }
+    if cfg.rope_scaling is not None:
+        rs = dict(cfg.rope_scaling)
+        rs["rope_type"] = rs.pop("type")
+        out["rope_scaling"] = rs
+    if model_type == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    if model_type == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    if model_type == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+    return out
+
+
+def to_hf(model: Transformer, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30,
+          tokenizer_dir: str | Path | None = None) -> Path:
+    """Write ``model`` as an HF checkpoint directory (atomically; sharded above ``max_shard_bytes``)."""
+    cfg = model.config
+    sd = {_hf_name(k): v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    dtype = next(iter(sd.values())).dtype
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
+        if len(shards) == 1:
+            save_safetensors(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_safetensors(shard, tmp / name, metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+            )
+        if tokenizer_dir is not None:
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+                src = Path(tokenizer_dir) / name
+                if src.is_file():
+                    (tmp / name).write_bytes(src.read_bytes())
+    return out_dir
