@@ -161,7 +161,7 @@ def cmd_generate(args) -> int:
         raise ValueError("the prompt is empty; pass some text with --prompt")
     kw = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, eos_token_id=tok.eos_id, seed=args.seed,
+        repetition_penalty=args.repetition_penalty, eos_token_id=tok.stop_ids or None, seed=args.seed,
     )
     if args.no_stream:
         out = generate(model, torch.tensor([ids], device=next(model.parameters()).device),
@@ -195,7 +195,7 @@ def cmd_convert(args) -> int:
         model = from_hf(args.from_hf)
         with atomic_dir(args.out) as tmp:
             save_model_dir(model, tmp)
-            for name in ("tokenizer.json", "tokenizer_config.json"):
+            for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
                 if (Path(args.from_hf) / name).is_file():
                     shutil.copyfile(Path(args.from_hf) / name, tmp / name)
     else:

@@ -96,3 +96,80 @@ def test_errors(tok, tmp_path):
     no_bos = Tokenizer(tok.hf, bos=None)
     with pytest.raises(ValueError, match="no BOS token"):
         no_bos.encode("x", add_bos=True)
+
+
+def test_special_tokens_map_fallback(tok, tmp_path):
+    """tokenizer_config.json wins (an explicit null too); special_tokens_map.json fills the rest."""
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": None}))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": EOS, "eos_token": {"content": PAD}, "unk_token": BOS}))
+    loaded = Tokenizer.from_file(tmp_path)
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (None, 2, 2)
+    assert loaded.special_tokens == {"eos_token": PAD, "pad_token": PAD, "unk_token": BOS}
+
+
+def test_generation_config_stop_ids(tok, tmp_path):
+    tok.save(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1, 2]}))
+    assert Tokenizer.from_file(tmp_path).stop_ids == [1, 2]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))
+    assert Tokenizer.from_file(tmp_path).stop_ids == [1, 0]
+    assert tok.stop_ids == [1]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+    with pytest.raises(ValueError, match="eos_token_id in .* must be an id or a list"):
+        Tokenizer.from_file(tmp_path)
+
+
+def test_add_special_tokens(tok, tmp_path):
+    """Our trained tokenizer has no post-processor: add_special_tokens adds nothing, unless the
+    HF add_bos_token/add_eos_token flags ask (they build one)."""
+    text = "to be <|eos|>"
+    assert tok.encode(text, add_special_tokens=True) == tok.encode(text)
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"add_bos_token": True, "add_eos_token": True}))
+    loaded = Tokenizer.from_file(tmp_path)
+    assert loaded.encode(text, add_special_tokens=True) == tok.encode(text, add_bos=True,
+                                                                      add_eos=True)
+    assert loaded.encode_batch([text], add_special_tokens=True) == [
+        loaded.encode(text, add_special_tokens=True)]
+    assert loaded.encode(text) == tok.encode(text)
+    with pytest.raises(ValueError, match="not both"):
+        loaded.encode_batch([text], add_eos=True, add_special_tokens=True)
+
+
+def test_parse_special(tok):
+    text = "a<|eos|>b"
+    assert tok.encode(text, parse_special=True) == [*tok.encode("a"), 1, *tok.encode("b")]
+    assert 1 not in tok.encode(text)  # the default, even after a parsing encode
+    assert tok.encode_batch([text], parse_special=True) == [tok.encode(text, parse_special=True)]
+
+
+def test_file_padding_and_truncation_off(tok, tmp_path):
+    """A tokenizer.json that saved padding/truncation still encodes every text whole."""
+    spec = json.loads(tok.hf.to_str())
+    spec["padding"] = {"strategy": {"Fixed": 16}, "direction": "Right", "pad_to_multiple_of": None,
+                       "pad_id": 2, "pad_type_id": 0, "pad_token": PAD}
+    spec["truncation"] = {"direction": "Right", "max_length": 2, "strategy": "LongestFirst",
+                          "stride": 0}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    text = "the quick brown fox"
+    assert Tokenizer.from_file(tmp_path).encode(text) == tok.encode(text)
+
+
+def test_chat_template_save_load(tok, tmp_path):
+    template = "{% for m in messages %}{{ bos_token }}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    chat = Tokenizer(tok.hf, chat_template=template)
+    chat.save(tmp_path)
+    assert (tmp_path / "chat_template.jinja").read_text() == template
+    loaded = Tokenizer.from_file(tmp_path)
+    assert loaded.chat_template == template
+    messages = [{"role": "user", "content": "hi <|eos|>"}]
+    assert loaded.apply_chat_template(messages, tokenize=False) == "<|bos|>hi <|eos|><|eos|>"
+    # the template's tokens, and (as in transformers) specials spelled in content, become tokens
+    assert loaded.apply_chat_template(messages) == [0, *tok.encode("hi "), 1, 1]
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": 3}))
+    with pytest.raises(ValueError, match="chat_template in .* must be a string"):
+        Tokenizer.from_file(tmp_path)

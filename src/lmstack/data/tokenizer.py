@@ -1,9 +1,16 @@
-"""Byte-level BPE tokenizer (GPT-2, Radford et al. 2019) on HF `tokenizers`.
+"""Byte-level BPE tokenizer (GPT-2, Radford et al. 2019) on HF `tokenizers`; HF tokenizer dirs.
 
 Every UTF-8 byte is mapped to one printable unicode character, so the base alphabet is the 256
 bytes and any string round-trips exactly; BPE then merges frequent adjacent symbols up to the
 vocabulary size. Special tokens (BOS/EOS/PAD) are only ever inserted by id: text that happens to
 spell "<|eos|>" is encoded as ordinary bytes (`encode_special_tokens`).
+
+`from_file` also reads a Hugging Face tokenizer folder the way transformers' `AutoTokenizer` does:
+token names from tokenizer_config.json (else special_tokens_map.json), the chat template
+(chat_template.jinja, else tokenizer_config.json), stop ids from generation_config.json. Two
+switches give transformers' behaviour where it differs from ours: `add_special_tokens=True` runs
+the tokenizer's own post-processor (Llama's BOS), and `parse_special=True` reads special tokens
+spelled in the text, which chat encoding needs because a template writes `<|im_start|>` as text.
 """
 
 from __future__ import annotations
@@ -11,12 +18,13 @@ from __future__ import annotations
 import json
 import os
 
+from functools import cached_property
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from ..io import atomic_write_text
 
@@ -25,17 +33,28 @@ EOS = "<|eos|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD]  # ids 0, 1, 2 in a tokenizer we train
 
+# transformers' named special tokens, all visible to chat templates; lmstack's defaults for three
+NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                "mask_token")
+_DEFAULT_NAMES = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` (`.hf`) plus the ids of its BOS/EOS/PAD tokens (None if absent)."""
+    """A `tokenizers.Tokenizer` (`.hf`) plus the ids of its BOS/EOS/PAD tokens (None if absent),
+    the named special tokens a chat template sees (`.special_tokens`), the ids that end a
+    generation (`.stop_ids`) and the Jinja chat template (`.chat_template`, None if absent)."""
 
     def __init__(self, hf: HFTokenizer, *, bos: str | None = BOS, eos: str | None = EOS,
-                 pad: str | None = PAD):
+                 pad: str | None = PAD, chat_template: str | None = None):
         self.hf = hf
         self.hf.encode_special_tokens = True  # user text never becomes a special token
         self.bos_id = _id_or_none(hf, bos)
         self.eos_id = _id_or_none(hf, eos)
         self.pad_id = _id_or_none(hf, pad)
+        self.chat_template = chat_template
+        self.special_tokens = _in_vocab(hf, {"bos_token": bos, "eos_token": eos, "pad_token": pad})
+        self.stop_ids = [] if self.eos_id is None else [self.eos_id]
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -54,8 +73,15 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load `tokenizer.json` (or a directory holding one); special tokens come from a
-        `tokenizer_config.json` beside it when there is one, else from our default names."""
+        """Load `tokenizer.json`, or a directory holding one, as `AutoTokenizer.from_pretrained`
+        would. Optional files beside it: tokenizer_config.json, else special_tokens_map.json, names
+        the special tokens (else our default names); chat_template.jinja, else tokenizer_config's
+        "chat_template" (a string, or a list of {"name", "template"} whose "default" we take), is
+        the chat template; generation_config.json's eos_token_id adds stop ids. tokenizer.json's
+        post-processor decides what `add_special_tokens=True` adds (as in transformers 5); only when
+        it has none do tokenizer_config's `add_bos_token`/`add_eos_token` make one (transformers 4).
+        Padding and truncation saved in tokenizer.json are switched off: transformers applies them
+        only when a call asks, and we never do."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -66,33 +92,49 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f"could not read tokenizer {file}: {_first_line(e)}; pass a valid "
                              f"HF tokenizers tokenizer.json") from None
-        names = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
-        config = file.parent / "tokenizer_config.json"
-        if config.is_file():
-            try:
-                cfg = json.loads(config.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ValueError(f"could not read {config}: {_first_line(e)}; fix or delete "
-                                 f"it") from None
-            names = {k: _token_content(cfg.get(k, v)) for k, v in names.items()}
-        return cls(hf, bos=names["bos_token"], eos=names["eos_token"], pad=names["pad_token"])
+        hf.no_padding()
+        hf.no_truncation()
+        folder = file.parent
+        config = _read_json(folder / "tokenizer_config.json")
+        names = _token_names(config, _read_json(folder / "special_tokens_map.json"))
+        if hf.post_processor is None:
+            _add_flag_post_processor(hf, names, config)
+        tok = cls(hf, bos=names["bos_token"], eos=names["eos_token"], pad=names["pad_token"],
+                  chat_template=_chat_template(folder, config))
+        tok.special_tokens.update(_in_vocab(hf, names))
+        tok.stop_ids = _stop_ids(tok.eos_id, folder / "generation_config.json")
+        return tok
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write `tokenizer.json` atomically; `path` is a directory or a file path."""
+        """Write `tokenizer.json` atomically, and the chat template as chat_template.jinja beside
+        it when there is one; `path` is a directory or a file path. Returns the tokenizer.json."""
         path = Path(path)
         file = path if path.suffix == ".json" and not path.is_dir() else path / "tokenizer.json"
         atomic_write_text(file, self.hf.to_str())
+        if self.chat_template is not None:
+            atomic_write_text(file.parent / CHAT_TEMPLATE_FILE, self.chat_template)
         return file
 
     # ---- encode / decode ----------------------------------------------------------------
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        return self._wrap(self.hf.encode(text, add_special_tokens=False).ids, add_bos, add_eos)
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False,
+               add_special_tokens: bool = False, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`. `add_bos`/`add_eos` put our BOS/EOS around it by id;
+        `add_special_tokens` instead runs the tokenizer's own post-processor, as transformers'
+        `tok(text).input_ids` does (BOS for Llama, nothing for a tokenizer we trained).
+        `parse_special`: text that spells a special token ("<|im_start|>") becomes that token, as
+        in transformers; leave it off for user text, which should stay text."""
+        hf = self._backend(add_bos or add_eos, add_special_tokens, parse_special)
+        ids = hf.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._wrap(ids, add_bos, add_eos)
 
     def encode_batch(self, texts: Iterable[str], *, add_bos: bool = False,
-                     add_eos: bool = False) -> list[list[int]]:
+                     add_eos: bool = False, add_special_tokens: bool = False,
+                     parse_special: bool = False) -> list[list[int]]:
+        """`encode` of each text, in parallel."""
+        hf = self._backend(add_bos or add_eos, add_special_tokens, parse_special)
         # encode_batch_fast (tokenizers >= 0.21) skips offset tracking we never use
-        batch = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
-        encs = batch(list(texts), add_special_tokens=False)
+        batch = getattr(hf, "encode_batch_fast", hf.encode_batch)
+        encs = batch(list(texts), add_special_tokens=add_special_tokens)
         return [self._wrap(e.ids, add_bos, add_eos) for e in encs]
 
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
@@ -100,12 +142,47 @@ class Tokenizer:
             ids = ids.tolist()
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def _backend(self, wrap: bool, add_special_tokens: bool, parse_special: bool) -> HFTokenizer:
+        if wrap and add_special_tokens:
+            raise ValueError("pass add_bos/add_eos or add_special_tokens=True, not both: each "
+                             "adds special tokens, so together they could add BOS twice")
+        return self._parsing_hf if parse_special else self.hf
+
+    @cached_property
+    def _parsing_hf(self) -> HFTokenizer:
+        """A copy of `hf` that reads special tokens spelled in the text. A copy rather than
+        toggling `hf.encode_special_tokens`, so encoding user text stays safe across threads.
+        Made on first use: changes to `hf` (added tokens) belong before the first encode."""
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        hf.encode_special_tokens = False
+        return hf
+
     def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         if add_bos:
             ids = [_require(self.bos_id, "BOS"), *ids]
         if add_eos:
             ids = [*ids, _require(self.eos_id, "EOS")]
         return ids
+
+    # ---- chat -----------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False,
+                            tokenize: bool = True, **template_vars: Any) -> list[int] | str:
+        """`messages` (dicts with "role" and "content") rendered with `.chat_template` as in
+        transformers' `apply_chat_template`: the prompt string when `tokenize=False`, else its ids,
+        with the special tokens the template writes read as tokens and nothing else added (a
+        template that wants BOS writes `bos_token`). `add_generation_prompt` appends the header
+        that opens an assistant turn; `template_vars` (tools=[...], enable_thinking=False, …) are
+        passed to the template."""
+        from .chat import render_chat  # jinja2 is needed only here
+
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat_template; set tok.chat_template to a "
+                             "Jinja template string, or put chat_template.jinja (or a "
+                             "\"chat_template\" in tokenizer_config.json) beside tokenizer.json")
+        text = render_chat(self.chat_template, messages,
+                           add_generation_prompt=add_generation_prompt,
+                           **{**self.special_tokens, **template_vars})
+        return self.encode(text, parse_special=True) if tokenize else text
 
     # ---- vocabulary ---------------------------------------------------------------------
     @property
@@ -136,16 +213,92 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
-                f"eos_id={self.eos_id}, pad_id={self.pad_id})")
+                f"eos_id={self.eos_id}, pad_id={self.pad_id}, "
+                f"chat_template={self.chat_template is not None})")
 
 
 def _id_or_none(hf: HFTokenizer, token: str | None) -> int | None:
     return None if token is None else hf.token_to_id(token)
 
 
-def _token_content(value) -> str | None:
+def _in_vocab(hf: HFTokenizer, names: dict[str, str | None]) -> dict[str, str]:
+    """The named tokens that are set and exist in the vocabulary."""
+    return {k: v for k, v in names.items() if _id_or_none(hf, v) is not None}
+
+
+def _read_json(file: Path) -> dict:
+    """A JSON object file beside tokenizer.json; {} when there is none."""
+    if not file.is_file():
+        return {}
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"could not read {file}: {_first_line(e)}; fix or delete it") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"could not read {file}: expected a JSON object, got "
+                         f"{type(obj).__name__}; fix or delete it")
+    return obj
+
+
+def _token_names(config: dict, special_map: dict) -> dict[str, str | None]:
+    """Each named special token from tokenizer_config.json (an explicit null counts), else from
+    special_tokens_map.json, else our default name (BOS/EOS/PAD) or None."""
+    names = {}
+    for key in NAMED_TOKENS:
+        source = config if key in config else special_map
+        names[key] = _token_content(source.get(key, _DEFAULT_NAMES.get(key)), key)
+    return names
+
+
+def _token_content(value, key: str = "token") -> str | None:
     """tokenizer_config.json writes a special token as a string or {"content": ...}."""
-    return value.get("content") if isinstance(value, dict) else value
+    content = value.get("content") if isinstance(value, dict) else value
+    if content is not None and not isinstance(content, str):
+        raise ValueError(f"{key} must be a string or {{\"content\": string}}, got {value!r}; fix "
+                         f"tokenizer_config.json / special_tokens_map.json")
+    return content
+
+
+def _add_flag_post_processor(hf: HFTokenizer, names: dict, config: dict) -> None:
+    """HF's add_bos_token/add_eos_token flags as a TemplateProcessing post-processor (what
+    transformers 4 built); tokens missing from the vocabulary are skipped, as there."""
+    bos = names["bos_token"] if config.get("add_bos_token") else None
+    eos = names["eos_token"] if config.get("add_eos_token") else None
+    pre = [bos] if _id_or_none(hf, bos) is not None else []
+    post = [eos] if _id_or_none(hf, eos) is not None else []
+    if not pre and not post:
+        return
+    single = " ".join([*pre, "$A", *post])
+    pair = " ".join([single, *(f"{t}:1" for t in pre), "$B:1", *(f"{t}:1" for t in post)])
+    special = {t: hf.token_to_id(t) for t in (*pre, *post)}
+    hf.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                      special_tokens=list(special.items()))
+
+
+def _chat_template(folder: Path, config: dict) -> str | None:
+    """chat_template.jinja wins over tokenizer_config.json's entry, as in transformers."""
+    file = folder / CHAT_TEMPLATE_FILE
+    if file.is_file():
+        return file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": …}, …]
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    if isinstance(template, dict):
+        template = template.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"chat_template in {folder / 'tokenizer_config.json'} must be a string or "
+                         f"a list of {{\"name\", \"template\"}}, got {type(template).__name__}")
+    return template
+
+
+def _stop_ids(eos_id: int | None, file: Path) -> list[int]:
+    """EOS plus generation_config.json's eos_token_id (an id or a list: Llama-3 Instruct also
+    stops on <|eot_id|>), without repeats."""
+    extra = _read_json(file).get("eos_token_id")
+    extra = [] if extra is None else [extra] if isinstance(extra, int) else extra
+    if not isinstance(extra, list) or not all(type(i) is int for i in extra):
+        raise ValueError(f"eos_token_id in {file} must be an id or a list of ids, got {extra!r}")
+    return list(dict.fromkeys([*([] if eos_id is None else [eos_id]), *extra]))
 
 
 def _require(token_id: int | None, what: str) -> int:

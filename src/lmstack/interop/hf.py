@@ -200,7 +200,8 @@ def to_hf(model: Transformer, out_dir: str | Path, *, max_shard_bytes: int = 5 *
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
             )
         if tokenizer_dir is not None:
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                         "chat_template.jinja"):
                 src = Path(tokenizer_dir) / name
                 if src.is_file():
                     (tmp / name).write_bytes(src.read_bytes())
