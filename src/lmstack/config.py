@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3", "yarn")
@@ -99,11 +99,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "ModelConfig field")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -124,6 +120,15 @@ class ModelConfig:
                 d.pop("ffn_dim", None)
             d.update(overrides)
         return cls.from_dict(d)
+
+
+def dataclass_from_dict(cls, d: dict[str, Any], what: str):
+    """``cls(**d)``, but unknown keys raise one ValueError listing the valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; valid: {', '.join(sorted(names))}")
+    return cls(**d)
 
 
 def _positive_int(name: str, value: Any) -> None:

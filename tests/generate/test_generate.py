@@ -165,8 +165,8 @@ def test_bad_inputs(models):
         generate(m, [[1, 2]], 5, temperature=-1.0)
     with pytest.raises(ValueError, match="right padding"):
         generate(m, torch.ones(2, 4, dtype=torch.long), 5, attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
-    with pytest.raises(NotImplementedError, match="beam search"):
-        generate(m, [[1, 2]], 5, num_beams=4)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        generate(m, [[1, 2]], 5, num_beams=2, num_return_sequences=3)
 
 
 def test_generate_leaves_grad_mode_alone(models):

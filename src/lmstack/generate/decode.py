@@ -20,9 +20,6 @@ import torch
 
 from .sampling import check_sampling_args, is_greedy, process_logits, sample
 
-BEAM_SEARCH_PENDING = "beam search lands with the HF interop issue"
-
-
 @dataclass
 class GenerateOutput:
     sequences: torch.Tensor  # (B * num_return, T_prompt + T_new) int64, prompt (padding included) first

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from ..config import ModelConfig, dataclass_from_dict
 from ..data.corpus import TokenDataset, load_dataset
 from ..data.packing import doc_seqs, get_windows, sample_batch
 from ..io import atomic_write_json
@@ -80,11 +80,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; valid options: {', '.join(sorted(names))}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "training option")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

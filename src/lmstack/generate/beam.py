@@ -1,0 +1,220 @@
+"""Beam search (Graves 2012, "Sequence Transduction with Recurrent Neural Networks"; the standard
+NMT decoder of Sutskever et al. 2014 and Wu et al. 2016), with HF transformers' exact rules.
+
+Instead of one continuation, keep the ``N`` most probable partial sequences (beams) per prompt.
+Each step scores every one-token extension of every beam by its summed log-probability, keeps the
+best ``N`` that do not end, and moves the ones that end (EOS, or the length limit) into a store of
+``N`` finished hypotheses ranked by ``sum_logprob / L ** length_penalty``.
+
+Beams are batch rows: row ``b * N + j`` is beam ``j`` of prompt ``b``, all in one KV cache of
+``B * N`` rows. The prompt is prefilled once (``B`` rows) and its cache rows copied ``N`` times;
+after each step ``cache.reorder`` gathers the rows of the beams that were extended, so every beam's
+keys follow it. Positions and key padding are shared by the beams of one prompt.
+
+HF's rules (transformers 5.x ``GenerationMixin._beam_search``), all matched here:
+
+- Candidates: top ``K = max(2, 1 + n_eos) * N`` of the ``N * V`` (beam, token) pairs scored
+  ``beam score + log_softmax(logits)`` (the repetition penalty, if any, acts on these log-probs as
+  HF's processors do). Only beam 0 is live at the first step (the others start at -1e9), so the
+  ``N`` beams start distinct. ``K`` leaves at least ``N`` candidates that do not end in EOS.
+- Running beams: the ``N`` best candidates that do not end in EOS.
+- Finished: of the top ``N`` candidates only (not all ``K``), those ending in EOS, or all of them at
+  the last step, are offered to the store with score ``sum / L ** length_penalty``. ``L`` counts the
+  generated tokens including the EOS and *not* the prompt (``cur_len + 1 - decoder_prompt_len``).
+  The store keeps its ``N`` best; it takes no offers once the prompt is done, nor once it is full
+  when ``early_stopping is True``.
+- Done: the store is full and the best running beam, scored with ``L_best``, cannot beat the worst
+  stored hypothesis. ``L_best`` is the generated length so far, or ``max_new_tokens`` when
+  ``early_stopping == "never"`` and ``length_penalty > 0`` (a longer beam could still score
+  higher). So ``False`` and ``"never"`` with ``length_penalty <= 0`` are the same heuristic, and
+  ``True`` adds the "store full" stop on top of it.
+- Decoding stops when every prompt is done, when every store is full (``early_stopping=True``), or
+  after ``max_new_tokens``. The ``num_return_sequences`` best hypotheses per prompt come back best
+  first, cut to the longest of them; shorter ones are padded with ``pad_token_id``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .decode import GenerateOutput, decode_step, padded_positions, prefill
+from .sampling import apply_repetition_penalty
+
+NEG_INF = float("-inf")
+DEAD_BEAM = -1e9  # HF's start score for beams 1..N-1: they exist but lose every first-step comparison
+
+
+def check_beam_args(
+    num_beams: int, num_return_sequences: int, length_penalty: float, early_stopping
+) -> None:
+    """Raise a one-line ValueError for a setting HF would reject too."""
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams={num_beams!r} must be an integer >= 1")
+    if not isinstance(num_return_sequences, int) or not 1 <= num_return_sequences <= num_beams:
+        raise ValueError(
+            f"num_return_sequences={num_return_sequences!r} must be between 1 and num_beams={num_beams}; "
+            "raise num_beams or return fewer sequences"
+        )
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        raise ValueError(f"early_stopping={early_stopping!r} must be True, False or 'never'")
+    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool):
+        raise ValueError(f"length_penalty={length_penalty!r} must be a number (1.0 = average log-prob per token)")
+
+
+# -- the finished-hypotheses store -------------------------------------------------------------
+@dataclass
+class Hypotheses:
+    """The ``N`` best finished hypotheses of each prompt, best first; -inf marks an empty slot."""
+
+    scores: torch.Tensor  # (B, N) float32, length-penalised
+    seqs: torch.Tensor  # (B, N, T + max_new) int64, pad after each hypothesis
+    lengths: torch.Tensor  # (B, N) int64, generated tokens (EOS included)
+
+    @classmethod
+    def empty(cls, B: int, N: int, total: int, pad_id: int, device: torch.device) -> Hypotheses:
+        return cls(
+            scores=torch.full((B, N), NEG_INF, dtype=torch.float32, device=device),
+            seqs=torch.full((B, N, total), pad_id, dtype=torch.long, device=device),
+            lengths=torch.zeros(B, N, dtype=torch.long, device=device),
+        )
+
+    def full(self) -> torch.Tensor:
+        """(B,) True where every slot holds a hypothesis."""
+        return torch.isfinite(self.scores).all(dim=1)
+
+    def add(self, scores: torch.Tensor, seqs: torch.Tensor, length: int) -> None:
+        """Offer hypotheses scores (B, M) (-inf = no offer) with seqs (B, M, total); keep the N best.
+
+        Stored ones go first in the merge, the order HF concatenates them in."""
+        B, N = self.scores.shape
+        merged = torch.cat([self.scores, scores], dim=1)  # (B, N + M)
+        keep = merged.topk(N, dim=1).indices  # (B, N), best first
+        self.scores = merged.gather(1, keep)
+        seqs = torch.cat([self.seqs, seqs], dim=1)  # (B, N + M, total)
+        self.seqs = seqs.gather(1, keep[..., None].expand(-1, -1, seqs.shape[-1]))
+        lengths = torch.cat([self.lengths, self.lengths.new_full(scores.shape, length)], dim=1)
+        self.lengths = lengths.gather(1, keep)
+
+
+def can_improve(
+    store: Hypotheses, best_running: torch.Tensor, generated: int, max_new_tokens: int,
+    length_penalty: float, early_stopping,
+) -> torch.Tensor:
+    """(B,) False once the store is full and the best running beam (B,) cannot beat its worst entry."""
+    if early_stopping == "never" and length_penalty > 0:
+        best_length = max_new_tokens  # the score can still grow with length: assume the longest
+    else:
+        best_length = generated
+    best_possible = best_running / (best_length**length_penalty)
+    return ~store.full() | (best_possible > store.scores.amin(dim=1))
+
+
+# -- one step ---------------------------------------------------------------------------------
+def top_candidates(
+    logp: torch.Tensor, beam_scores: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best k (beam, token) extensions per prompt: scores (B, k) best first, source beam, token."""
+    B, N = beam_scores.shape
+    V = logp.shape[-1]
+    total = (logp.view(B, N, V) + beam_scores[..., None]).view(B, N * V)
+    scores, flat = total.topk(k, dim=1)  # (B, k)
+    return scores, flat // V, flat % V
+
+
+@torch.inference_mode()
+def beam_search(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    pad_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    *,
+    num_beams: int,
+    num_return_sequences: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    eos: list[int],
+    pad_id: int,
+    repetition_penalty: float | None = None,
+    step_fn=decode_step,
+) -> GenerateOutput:
+    """Beam search from prompts ids (B, T) (left-padded where ``pad_mask`` (B, T) is False).
+
+    Returns ``GenerateOutput(sequences=(B * R, T + T_new), scores=(B * R,))``, R =
+    ``num_return_sequences``: the R best hypotheses of prompt b at rows ``b * R ...``, best first.
+    """
+    check_beam_args(num_beams, num_return_sequences, length_penalty, early_stopping)
+    N, R = num_beams, num_return_sequences
+    penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
+    B, T = ids.shape
+    total, dev = T + max_new_tokens, ids.device
+    rows = torch.arange(B, device=dev).repeat_interleave(N)  # (B*N,) the prompt of each beam row
+    base = torch.arange(B, device=dev)[:, None] * N  # (B, 1) first beam row of each prompt
+
+    cache = model.setup_cache(B, total)
+    positions = None if pad_mask is None else padded_positions(pad_mask)  # (B, T)
+    logits = prefill(model, ids, cache, positions, pad_mask)[rows]  # (B*N, V): one prefill per prompt
+    cache.reorder(rows)  # B -> B*N rows, each prompt's keys copied to its beams
+    pos = None if positions is None else positions[rows, -1:] + 1  # (B*N, 1), advanced in place
+
+    seq = ids.new_full((B * N, total), pad_id)  # running beams; pad past the end (fills short hypotheses)
+    seq[:, :T] = ids[rows]
+    seq_mask = None  # repetition penalty skips prompt padding, as HF's prompt_ignore_length does
+    if penalty is not None and pad_mask is not None:
+        seq_mask = torch.ones(B * N, total, dtype=torch.bool, device=dev)
+        seq_mask[:, :T] = pad_mask[rows]
+
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=dev) if eos else None
+    K = max(2, 1 + len(eos)) * N
+    beam_scores = torch.zeros(B, N, dtype=torch.float32, device=dev)  # (B, N) summed log-probs of the running beams
+    beam_scores[:, 1:] = DEAD_BEAM
+    store = Hypotheses.empty(B, N, total, pad_id, dev)
+    open_ = torch.ones(B, dtype=torch.bool, device=dev)  # prompts whose store can still improve
+
+    t = T
+    for step in range(max_new_tokens):
+        generated, last = step + 1, step == max_new_tokens - 1
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B*N, V)
+        if penalty is not None:
+            logp = apply_repetition_penalty(logp, seq[:, :t], penalty, None if seq_mask is None else seq_mask[:, :t])
+        cand, src, tok = top_candidates(logp, beam_scores, K)  # (B, K) each, best first
+        if last:
+            ends = torch.ones_like(tok, dtype=torch.bool)
+        elif eos_ids is not None:
+            ends = torch.isin(tok, eos_ids)
+        else:
+            ends = torch.zeros_like(tok, dtype=torch.bool)
+
+        # Offer the top-N candidates that end to the store (decided on last step's state, as HF).
+        accepting = (open_ & ~store.full()) if early_stopping is True else open_  # (B,)
+        offered = ends[:, :N] & accepting[:, None]  # (B, N)
+        fin_seqs = seq[(base + src[:, :N]).flatten()]  # (B*N, total)
+        fin_seqs[:, t] = tok[:, :N].flatten()
+        fin_scores = (cand[:, :N] / (generated**length_penalty)).masked_fill(~offered, NEG_INF)
+        store.add(fin_scores, fin_seqs.view(B, N, total), generated)
+        if last:
+            break
+
+        # The N best candidates that go on become the running beams.
+        alive = cand.masked_fill(ends, NEG_INF)
+        keep = alive.topk(N, dim=1).indices  # (B, N), best first
+        beam_scores = alive.gather(1, keep)
+        beam_rows = (base + src.gather(1, keep)).flatten()  # (B*N,) cache row each new beam extends
+        seq = seq[beam_rows]
+        seq[:, t] = tok.gather(1, keep).flatten()
+        t += 1
+
+        open_ &= can_improve(store, beam_scores[:, 0], generated, max_new_tokens, length_penalty, early_stopping)
+        all_full = early_stopping is True and bool(store.full().all())
+        if all_full or not bool(open_.any()):  # the one host sync per step
+            break
+        cache.reorder(beam_rows)
+        logits = step_fn(model, seq[:, t - 1 : t], cache, pos)  # (B*N, V)
+        if pos is not None:
+            pos += 1
+
+    assert bool(store.full().all()), "beam search ended with an empty hypothesis slot"
+    new = int(store.lengths[:, :R].max())  # longest returned hypothesis
+    sequences = store.seqs[:, :R, : T + new].reshape(B * R, T + new)
+    return GenerateOutput(sequences=sequences, scores=store.scores[:, :R].reshape(B * R))
