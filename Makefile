@@ -20,7 +20,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lmstack prepare shakespeare
 	$(BIN)/lmstack train --recipe recipes/shakespeare-tiny.yaml out_dir=$(RUN)
-	$(BIN)/lmstack generate --checkpoint $(RUN)/checkpoint --prompt "$(PROMPT)" --max-new-tokens 300 --temperature 0.8 --top-k 50 --seed 0
+	$(BIN)/lmstack generate --checkpoint $(RUN)/checkpoint --prompt "$(PROMPT)" --max-new-tokens 240 --temperature 0.8 --top-k 50 --seed 0
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

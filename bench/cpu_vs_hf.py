@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--no-hf-compile", action="store_true", help="skip the HF + torch.compile training row")
-    ap.add_argument("--skip-race", action="store_true")
+    ap.add_argument("--skip-race", action="store_true", help="keep the race result already in the JSON")
     ap.add_argument("--race-only", action="store_true", help="only the bits-per-byte race (keeps the other results)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -154,12 +154,15 @@ def main() -> None:
     results: dict = {"config": cfg.to_dict(), "batch": B, "seq_len": T, "threads": args.threads}
 
     out = ROOT / "bench" / "results" / "cpu_vs_hf.json"
+    previous = json.loads(out.read_text()) if out.exists() else {}
     if args.race_only:
-        results = json.loads(out.read_text())
+        results = previous
     else:
         results.update(measure_speed(cfg, data, B, T, args))
     if not args.skip_race:
         results["race"] = race(cfg, data, B, T, token_bytes, args.budget)
+    elif "race" in previous:  # keep the last race (its commit is noted in docs/benchmarks.md)
+        results["race"] = previous["race"]
     results["meta"] = meta()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -177,11 +180,12 @@ def measure_speed(cfg, data, B, T, args) -> dict:
     runs = {"lmstack": (ours, lm_loss), "hf": (theirs, hf_loss), "lmstack+compile": (ours, torch.compile(lm_loss))}
     if not args.no_hf_compile:
         runs["hf+compile"] = (theirs, torch.compile(hf_loss))
-    tp = {}
-    for name, (model, fn) in runs.items():
-        t = time.perf_counter()
-        tp[name] = train_throughput(model, fn, data, B, T)
-        print(f"train {name}: {tp[name]:,.0f} tok/s ({time.perf_counter() - t:.0f}s incl. compile)", flush=True)
+    tp: dict[str, float] = {}
+    for rnd in range(2):  # two interleaved rounds, best of each: machine noise hits every library alike
+        for name, (model, fn) in runs.items():
+            t = time.perf_counter()
+            tp[name] = max(tp.get(name, 0.0), train_throughput(model, fn, data, B, T))
+            print(f"train {name} round {rnd}: {tp[name]:,.0f} tok/s ({time.perf_counter() - t:.0f}s)", flush=True)
     results["train_tok_s"] = tp
 
     # 2. greedy batch-1 decode (fresh identical weights so the outputs can be compared)

@@ -168,10 +168,11 @@ def cmd_generate(args) -> int:
                        max_new_tokens=args.max_new_tokens, **kw)
         print(tok.decode(out.sequences[0].tolist()))
         return 0
+    stream = generate_stream(model, ids, max_new_tokens=args.max_new_tokens, **kw)  # checks arguments first
     sys.stdout.write(prompt)
     new: list[int] = []
     shown = ""
-    for t in generate_stream(model, ids, max_new_tokens=args.max_new_tokens, **kw):
+    for t in stream:
         new.append(t)
         text = tok.decode(new)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character

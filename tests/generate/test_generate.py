@@ -174,3 +174,25 @@ def test_generate_leaves_grad_mode_alone(models):
     stream = generate_stream(m, [1, 2, 3], 5)
     next(stream)
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def test_cpu_decode_layout_is_invisible():
+    """The column-major weight copies used while decoding on the CPU give the same tokens and leave
+    the model's parameters (and its weight tying) exactly as they were."""
+    import lmstack
+    from lmstack.generate.decode import cpu_decode_layout
+
+    cfg = lmstack.ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+                              max_seq_len=64, tie_embeddings=True)
+    torch.manual_seed(0)
+    m = lmstack.Transformer(cfg).eval()
+    before = {n: p for n, p in m.named_parameters(remove_duplicate=False)}
+    x = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        ref = m(x)
+        with cpu_decode_layout(m):
+            assert not m.layers[0].mlp.up_proj.weight.is_contiguous()
+            torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+    after = {n: p for n, p in m.named_parameters(remove_duplicate=False)}
+    assert all(after[n] is p for n, p in before.items())
+    assert m.lm_head.weight is m.embed_tokens.weight

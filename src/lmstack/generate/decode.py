@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import contextlib
 import functools
 
 import torch
@@ -51,6 +52,35 @@ def compiled_decode_step():
     (``dynamic=True``), elementwise ops fused around the matmuls. The first call compiles (tens of
     seconds on a CPU); later calls, and later ``generate`` calls, reuse it."""
     return torch.compile(decode_step, dynamic=True)
+
+
+CPU_LAYOUT_MAX_BYTES = 1 << 30  # extra memory the CPU decode layout may use (it copies the weights)
+
+
+@contextlib.contextmanager
+def cpu_decode_layout(model: torch.nn.Module) -> Iterator[None]:
+    """On the CPU, give every ``nn.Linear`` a column-major copy of its weight for one ``generate``.
+
+    A batch-1 decode step is a chain of matrix-vector products. MKL runs them about 1.7x faster when
+    the weight is stored (in, out)-contiguous, i.e. as ``W.t().contiguous().t()`` (same values, same
+    shape, other strides), than on the (out, in) layout ``nn.Linear`` keeps for training. The copies
+    live only inside this context and the original parameters are put back on exit, so nothing can
+    go stale; models whose linear weights exceed ``CPU_LAYOUT_MAX_BYTES`` are left alone.
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    if not linears or linears[0].weight.device.type != "cpu" or nbytes > CPU_LAYOUT_MAX_BYTES:
+        yield
+        return
+    saved = [(m, m.weight) for m in linears]
+    try:
+        with torch.no_grad():
+            for m, w in saved:
+                m.weight = torch.nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
+        yield
+    finally:
+        for m, w in saved:
+            m.weight = w
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -238,7 +268,7 @@ def generate(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         repetition_penalty=repetition_penalty, generator=make_generator(seed, device),
     )
-    with torch.inference_mode():
+    with cpu_decode_layout(model), torch.inference_mode():
         seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0,
                           step_fn=compiled_decode_step() if compile else decode_step)
     return GenerateOutput(sequences=seq)
