@@ -116,3 +116,22 @@ def read_tensor(handle, name: str, path: str | Path) -> torch.Tensor:
         raise ValueError(
             f"{path}: tensor {name!r} could not be read (truncated or corrupt file: {e}); re-save or re-download it"
         ) from None
+
+
+def copy_tensors_into(expected: dict[str, torch.Tensor], sources: dict[str, tuple[Path, str]]) -> None:
+    """Stream each tensor ``sources[name] = (file, key)`` into ``expected[name]``, one file open at
+    a time, checking shapes; the caller has already checked that every name has a source."""
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(sources[name][0], []).append(name)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            handle = open_safetensors(file)
+            for name in names:
+                key = sources[name][1]
+                src, dst = read_tensor(handle, key, file), expected[name]
+                if src.shape != dst.shape:
+                    raise ValueError(
+                        f"{file}: tensor {key!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)} for this config"
+                    )
+                dst.copy_(src)

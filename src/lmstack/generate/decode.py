@@ -11,11 +11,10 @@ without padding builds no mask and no position tensor at all.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-
 import contextlib
 import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -250,6 +249,7 @@ def generate(
     device = next(model.parameters()).device
     ids, pad_mask = prepare_inputs(input_ids, attention_mask, pad_id if pad_id is not None else 0, device)
     check_length(model, ids.shape[1], max_new_tokens)
+    step_fn = compiled_decode_step() if compile else decode_step
     if num_beams > 1 or num_return_sequences != 1:
         from .beam import beam_search, check_beam_args  # imported here: beam builds on this module
 
@@ -260,7 +260,7 @@ def generate(
         return beam_search(
             model, ids, pad_mask, max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
             length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
-            repetition_penalty=repetition_penalty, step_fn=compiled_decode_step() if compile else decode_step,
+            repetition_penalty=repetition_penalty, step_fn=step_fn,
         )
     if num_beams < 1:
         raise ValueError(f"num_beams={num_beams} must be >= 1")
@@ -270,7 +270,7 @@ def generate(
     )
     with cpu_decode_layout(model), torch.inference_mode():
         seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0,
-                          step_fn=compiled_decode_step() if compile else decode_step)
+                          step_fn=step_fn)
     return GenerateOutput(sequences=seq)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..io import atomic_dir, open_safetensors, read_tensor, save_safetensors
+from ..io import atomic_dir, copy_tensors_into, open_safetensors, save_safetensors
 from ..model import Transformer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
@@ -117,25 +117,11 @@ def from_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: st
         dtype = DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
     files = _weight_files(path)
     model = Transformer.empty(cfg, dtype=dtype, device=device)  # allocated once, in the target dtype
-    expected = {k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    expected = model.stored_state_dict()
     missing = [k for k in expected if _hf_name(k) not in files]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks tensor(s) {[_hf_name(k) for k in missing[:5]]}")
-    by_file: dict[Path, list[str]] = {}
-    for k in expected:
-        by_file.setdefault(files[_hf_name(k)], []).append(k)
-    with torch.no_grad():
-        for file, names in by_file.items():
-            handle = open_safetensors(file)
-            for k in names:
-                src = read_tensor(handle, _hf_name(k), file)
-                dst = expected[k]
-                if src.shape != dst.shape:
-                    raise ValueError(
-                        f"{file}: tensor {_hf_name(k)!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)} "
-                        "from config.json"
-                    )
-                dst.copy_(src)
+    copy_tensors_into(expected, {k: (files[_hf_name(k)], _hf_name(k)) for k in expected})
     return model.eval()
 
 
@@ -173,7 +159,7 @@ def to_hf(model: Transformer, out_dir: str | Path, *, max_shard_bytes: int = 5 *
           tokenizer_dir: str | Path | None = None) -> Path:
     """Write ``model`` as an HF checkpoint directory (atomically; sharded above ``max_shard_bytes``)."""
     cfg = model.config
-    sd = {_hf_name(k): v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    sd = {_hf_name(k): v for k, v in model.stored_state_dict().items()}
     dtype = next(iter(sd.values())).dtype
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

@@ -82,6 +82,14 @@ class Transformer(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         return model
 
+    def stored_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict as files store it: a tied LM head is the embedding, so it is left out
+        (safetensors refuses shared storage, and HF omits it too)."""
+        sd = self.state_dict()
+        if self.config.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        return sd
+
     # -- KV cache -----------------------------------------------------------------------------
     def setup_cache(
         self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,

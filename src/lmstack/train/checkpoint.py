@@ -20,24 +20,16 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..io import atomic_dir, atomic_write_json, fsync_dir, open_safetensors, read_tensor, save_safetensors
+from ..io import atomic_dir, atomic_write_json, copy_tensors_into, fsync_dir, open_safetensors, save_safetensors
 from ..model import Transformer
 
 CONFIG_FORMAT = "lmstack"
 
 
-def model_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """State dict with tied weights stored once (safetensors refuses shared storage)."""
-    sd = model.state_dict()
-    if model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return sd
-
-
 def save_model_dir(model: Transformer, out: Path) -> None:
     """config.json + model.safetensors into an existing directory."""
     atomic_write_json(out / "config.json", {"format": CONFIG_FORMAT, **model.config.to_dict()})
-    save_safetensors(model_state(model), out / "model.safetensors", metadata={"format": "pt"})
+    save_safetensors(model.stored_state_dict(), out / "model.safetensors", metadata={"format": "pt"})
 
 
 def save_checkpoint(
@@ -117,23 +109,15 @@ def read_config(ckpt: Path) -> ModelConfig:
 
 def load_weights(model: Transformer, file: Path) -> None:
     """Stream tensors from ``file`` into ``model``, checking names and shapes."""
-    expected = model.state_dict()
-    if model.config.tie_embeddings:
-        expected.pop("lm_head.weight", None)
-    f = open_safetensors(file)
-    names = set(f.keys())
+    expected = model.stored_state_dict()
+    names = set(open_safetensors(file).keys())
     missing = sorted(set(expected) - names)
     if missing:
         raise ValueError(f"{file}: missing tensor(s) {missing[:5]}{' …' if len(missing) > 5 else ''}")
     unexpected = sorted(names - set(expected))
     if unexpected:
         raise ValueError(f"{file}: unexpected tensor(s) {unexpected[:5]} for this config")
-    with torch.no_grad():
-        for name, dst in expected.items():
-            src = read_tensor(f, name, file)
-            if src.shape != dst.shape:
-                raise ValueError(f"{file}: tensor {name!r} has shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
-            dst.copy_(src)
+    copy_tensors_into(expected, {name: (file, name) for name in expected})
 
 
 def load_model(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
