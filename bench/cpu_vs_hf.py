@@ -30,26 +30,7 @@ from lmstack.data.packing import get_windows, sample_batch
 from lmstack.generate import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, meta, update_docs  # noqa: E402
-
-
-def hf_twin(model: lmstack.Transformer):
-    """An HF LlamaForCausalLM with the same architecture and the same weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = model.config
-    hc = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.dim, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
-        num_key_value_heads=c.n_kv_heads, intermediate_size=c.ffn_dim, max_position_embeddings=c.max_seq_len,
-        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    hf = LlamaForCausalLM(hc)
-    sd = {("model." + k if k != "lm_head.weight" else k): v for k, v in model.state_dict().items()}
-    hf.load_state_dict(sd, strict=False)
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = None
-    return hf
+from common import ROOT, hf_twin, meta, update_docs  # noqa: E402
 
 
 def lm_loss(model, x, y):

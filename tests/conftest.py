@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through its interpreter; triton reads this when it decorates a
+    # kernel, so it must be set before anything imports lmstack.kernels.flash_attention.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

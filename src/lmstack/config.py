@@ -79,7 +79,7 @@ class ModelConfig:
         if self.sliding_window is not None:
             _positive_int("sliding_window", self.sliding_window)
         if self.rope_scaling is not None:
-            _set("rope_scaling", _check_rope_scaling(self.rope_scaling))
+            _set("rope_scaling", _check_rope_scaling(self.rope_scaling, self.max_seq_len))
 
     # -- derived quantities -------------------------------------------------------------------
     @property
@@ -136,7 +136,7 @@ def _positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
-def _check_rope_scaling(rs: dict[str, Any]) -> dict[str, Any]:
+def _check_rope_scaling(rs: dict[str, Any], max_seq_len: int) -> dict[str, Any]:
     if not isinstance(rs, dict):
         raise ValueError(f"rope_scaling={rs!r} must be None or a dict with a 'type' key")
     rs = dict(rs)
@@ -147,6 +147,16 @@ def _check_rope_scaling(rs: dict[str, Any]) -> dict[str, Any]:
     factor = rs.get("factor")
     if not isinstance(factor, (int, float)) or factor < 1:
         raise ValueError(f"rope_scaling factor={factor!r} must be a number >= 1")
+    if kind in ("llama3", "yarn"):  # as transformers: the pretraining context defaults to this one
+        rs.setdefault("original_max_position_embeddings", max_seq_len)
+    if kind == "dynamic":
+        old = rs.get("original_max_position_embeddings")
+        if not isinstance(old, int) or not 0 < old <= max_seq_len:
+            raise ValueError(
+                f"rope_scaling type='dynamic' needs original_max_position_embeddings (the trained "
+                f"context, an int in [1, max_seq_len={max_seq_len}]), got {old!r}; max_seq_len is the "
+                "extended context"
+            )
     return rs
 
 

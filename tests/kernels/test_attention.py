@@ -136,3 +136,22 @@ def test_bad_head_counts():
         attention(q, k, v)
     with pytest.raises(ValueError, match="unknown attention backend"):
         attention(*rand(1, 2, 2, 3, 3), backend="magic")
+
+
+def test_works_without_triton(monkeypatch, seed):
+    # lmstack.kernels never imports triton up front; without it, "sdpa" stays the automatic choice
+    # and the flash module says what is missing.
+    import importlib
+    import sys
+
+    import lmstack.kernels
+    from lmstack.kernels import _triton_importable
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.delitem(sys.modules, "lmstack.kernels.flash_attention", raising=False)
+    monkeypatch.delattr(lmstack.kernels, "flash_attention", raising=False)  # imported by test collection
+    with pytest.raises(ImportError, match="needs triton"):
+        importlib.import_module("lmstack.kernels.flash_attention")
+    assert _triton_importable.__wrapped__() is False
+    q, k, v = rand(1, 2, 2, 5, 5)
+    torch.testing.assert_close(attention(q, k, v), attention(q, k, v, backend="reference"))

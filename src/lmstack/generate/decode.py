@@ -257,11 +257,12 @@ def generate(
         if not is_greedy(temperature):
             raise ValueError(f"num_beams={num_beams} is deterministic beam search; pass temperature=0 (got {temperature})")
 
-        return beam_search(
-            model, ids, pad_mask, max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
-            length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
-            repetition_penalty=repetition_penalty, step_fn=step_fn,
-        )
+        with cpu_decode_layout(model):
+            return beam_search(
+                model, ids, pad_mask, max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
+                length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
+                repetition_penalty=repetition_penalty, step_fn=step_fn,
+            )
     if num_beams < 1:
         raise ValueError(f"num_beams={num_beams} must be >= 1")
     choose = make_chooser(

@@ -65,13 +65,25 @@ def config_from_hf(hf: dict[str, Any], path: Path | str = "config.json") -> Mode
     elif family == "qwen2" and hf.get("use_sliding_window"):
         raise ValueError(f"{path}: Qwen2 use_sliding_window=true (per-layer windows) is not supported")
     theta, scaling = _rope(hf)
+    max_len = hf.get("max_position_embeddings", 2048)
+    if (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{path}: partial_rotary_factor != 1 (RoPE on part of each head) is not supported")
+    if scaling is not None and scaling["type"] == "dynamic":
+        # transformers scales past max_position_embeddings; our max_seq_len is the extended context.
+        scaling["original_max_position_embeddings"] = max_len
+        max_len = int(max_len * scaling["factor"])
+    elif scaling is not None and scaling["type"] in ("llama3", "yarn"):
+        old = hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings") or max_len
+        scaling["original_max_position_embeddings"] = old
+        if scaling.get("factor") is None:  # yarn may leave it to the ratio of the two contexts
+            scaling["factor"] = max_len / old
     heads = hf["num_attention_heads"]
     return ModelConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
         n_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, ffn_dim=hf["intermediate_size"],
         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-        max_seq_len=hf.get("max_position_embeddings", 2048), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=max_len, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2", sliding_window=window, init_std=hf.get("initializer_range", 0.02),
     )
 
@@ -145,6 +157,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     if cfg.rope_scaling is not None:
         rs = dict(cfg.rope_scaling)
         rs["rope_type"] = rs.pop("type")
+        if rs["rope_type"] == "dynamic":  # transformers starts scaling past max_position_embeddings
+            out["max_position_embeddings"] = rs.pop("original_max_position_embeddings")
         out["rope_scaling"] = rs
     if model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)

@@ -8,21 +8,32 @@ takes q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D) and returns (B, Hq, Tq, D). Back
   decoding the query heads sharing a K/V head are folded into the query-length axis instead,
   which needs no mask and no copy on any torch version.
 - ``"reference"``: plain PyTorch math (``reference.attention_ref``), the specification.
+- ``"triton"``: our FlashAttention-2 kernels (``flash_attention.py``), forward and backward;
+  packed documents (``seqs``) go through the varlen kernel on the flattened (B*T, H, D) tokens.
+  The kernels take no padding mask: with ``key_valid`` this backend falls back to SDPA with the
+  boolean mask. On the CPU they run only through Triton's interpreter (``TRITON_INTERPRET=1``).
+
+``backend=None`` picks ``"triton"`` when q is a CUDA tensor in fp16/bf16 (or under CUDA autocast to
+one of them, which then casts q/k/v as it would for SDPA) with a supported head dim, triton
+imports, there is no ``key_valid`` and more than one query (single-token decoding keeps SDPA's
+folded-GQA path); otherwise ``"sdpa"``. Plain fp32 runs on ``"triton"`` only when asked for.
 
 This package imports nothing else from lmstack.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from .reference import attention_mask, attention_ref
+from .reference import attention_mask, attention_ref, attention_tiled_ref, window_mask
 from .seqs import Seqs
 
-__all__ = ["attention", "attention_mask", "attention_ref", "Seqs", "BACKENDS"]
+__all__ = ["attention", "attention_mask", "attention_ref", "attention_tiled_ref", "window_mask", "Seqs", "BACKENDS"]
 
-BACKENDS = ("sdpa", "reference")
+BACKENDS = ("sdpa", "reference", "triton")
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
@@ -42,9 +53,13 @@ def attention(
     Hkv, Tk = k.shape[1], k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    backend = backend or "sdpa"
+    backend = backend or _auto_backend(q, key_valid)
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {BACKENDS}")
+    if backend == "triton":
+        if key_valid is None:
+            return _triton(q, k, v, causal=causal, seqs=seqs, window=window, scale=scale)
+        backend = "sdpa"  # no padding masks in the kernels: SDPA with the boolean mask below
 
     # Decoding one token with nothing to mask: every cached key is visible.
     simple_decode = Tq == 1 and window is None and seqs is None and key_valid is None
@@ -83,3 +98,65 @@ def _sdpa(q, k, v, *, causal, mask, scale):
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, **kw
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        from . import flash_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _autocast_dtype(q: torch.Tensor) -> torch.dtype | None:
+    """The dtype CUDA autocast would run attention in (SDPA is on its lower-precision list), else None.
+    Under autocast q/k/v usually arrive in fp32 (RoPE multiplies by fp32 tables)."""
+    if q.device.type != "cuda":
+        return None
+    try:
+        enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    except (TypeError, AttributeError):  # older torch spellings
+        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return dtype if enabled else None
+
+
+def _auto_backend(q: torch.Tensor, key_valid: torch.Tensor | None) -> str:
+    dtype = _autocast_dtype(q) or q.dtype
+    if (q.is_cuda and dtype in (torch.float16, torch.bfloat16) and key_valid is None and q.shape[2] > 1
+            and _triton_importable()):
+        from .flash_attention import supported_head_dim
+
+        if supported_head_dim(q.shape[-1]):
+            return "triton"
+    return "sdpa"
+
+
+# Eager under torch.compile (a graph break): the kernels launch themselves, autotuner included.
+# torch._disable_dynamo is torch.compiler.disable that imports dynamo (seconds) only when called.
+@torch._disable_dynamo
+def _triton(q, k, v, *, causal, seqs, window, scale):
+    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) through the flash kernels -> (B, Hq, Tq, D)."""
+    from .flash_attention import flash_attn_func, flash_attn_varlen_func
+
+    B, Hq, Tq, D = q.shape
+    cast = _autocast_dtype(q)
+    if cast is not None:  # what autocast does for SDPA; the kernels are invisible to autocast
+        q, k, v = q.to(cast), k.to(cast), v.to(cast)
+    # Our window W: each query sees itself and the W - 1 keys before it; causal adds right = 0.
+    window_size = (-1 if window is None else window - 1, -1)
+    if seqs is None:
+        # (B, H, T, D) -> (B, T, H, D) views: the kernels take any strides with a contiguous D axis.
+        o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
+                            softmax_scale=scale, window_size=window_size)  # (B, Tq, Hq, D)
+        return o.transpose(1, 2)
+    if Tq != k.shape[2]:
+        raise ValueError("document masks need as many queries as keys (no KV cache)")
+
+    def flat(t):  # (B, H, T, D) -> (B*T, H, D); a view when the memory is (B, T, H, D)
+        return t.transpose(1, 2).reshape(B * Tq, t.shape[1], D)
+
+    cu = seqs.cu_seqlens.to(q.device)
+    o = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, seqs.max_seqlen, seqs.max_seqlen,
+                               causal=causal, softmax_scale=scale, window_size=window_size)  # (B*T, Hq, D)
+    return o.view(B, Tq, Hq, D).transpose(1, 2)

@@ -28,6 +28,10 @@ class AttnContext:
     seqs: kernels.Seqs | None = None
     key_valid: torch.Tensor | None = None  # (B, Tk) False for padding keys
     backend: str | None = None
+    # Leading virtual key/value positions that begin in this call but are not rows of x (see
+    # ``Transformer.virtual_tokens``): a module replacing this layer's attention (prefix tuning)
+    # prepends that many keys/values before attending. 0 for the plain model.
+    virtual: int = 0
 
 
 class Attention(nn.Module):
@@ -42,14 +46,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        return self.attend(*self.project(x, ctx), ctx)
+
+    # The two halves of forward, public so a module that replaces this one (e.g. prefix tuning,
+    # which puts learned keys/values before k and v) reuses them instead of copying them.
+    def project(self, x: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, dim) -> q (B, Hq, T, D), k and v (B, Hkv, T, D), RoPE applied to q and k."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, ctx.cos, ctx.sin)
-        k = apply_rope(k, ctx.cos, ctx.sin)
+        return apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """Append k, v (B, Hkv, Tk_new, D) to the cache, attend with q (B, Hq, T, D) and project
+        the heads back: -> (B, T, dim). Tk_new >= T: extra keys lead (causal alignment is bottom-right)."""
+        B, _, T, _ = q.shape
         if ctx.cache is not None:
-            k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, Hkv, cached + T, D)
+            k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, Hkv, cached + Tk_new, D)
         o = kernels.attention(
             q, k, v, causal=True, seqs=ctx.seqs, window=self.window,
             key_valid=ctx.key_valid, backend=ctx.backend,

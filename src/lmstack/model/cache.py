@@ -63,10 +63,15 @@ class KVCache:
         self.length += T
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Select/permute batch rows in place (beam search)."""
+        """Select/permute batch rows in place (beam search). A permutation of the same number of
+        rows (every beam step) copies only the filled ``[0, length)`` part, into the same buffers."""
+        same, L = index.numel() == self.batch_size, self.length
         for buf in (self.k, self.v):
             for i, t in enumerate(buf):
-                buf[i] = t.index_select(0, index)
+                if same:
+                    t[:, :, :L] = t[:, :, :L].index_select(0, index)
+                else:
+                    buf[i] = t.index_select(0, index)
         if self.key_valid is not None:
             self.key_valid = self.key_valid.index_select(0, index)
         self.batch_size = int(index.numel())

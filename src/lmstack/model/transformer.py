@@ -14,6 +14,10 @@ Design, every choice in one place (all of them set by ``ModelConfig``):
   ``mlp.gate_proj`` …, ``input_layernorm``, ``post_attention_layernorm``, ``norm``, ``lm_head``)
   so state-dict keys and PEFT target lists carry over
 - init: N(0, init_std), residual output projections scaled by 1/sqrt(2 n_layers)
+- extension point, inert by default: every sequence may start with ``virtual_tokens`` learned
+  positions (soft prompts, per-layer prefix keys/values; ``lmstack.peft`` sets them by module
+  replacement). Real tokens' RoPE positions start after them, padding masks and the KV cache get
+  columns for them, and logits never include them
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from .cache import KVCache
 from .init import init_weights
 from .mlp import MLP
 from .norm import RMSNorm
-from .rope import rope_inv_freq, rope_tables
+from .rope import dynamic_rope, rope_attention_scale, rope_inv_freq, rope_tables
 
 
 class Block(nn.Module):
@@ -55,6 +59,12 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Virtual leading positions (module docstring). ``virtual_embeds``, when set, is a module
+        # mapping a batch size B to (B, virtual_tokens, dim) input embeddings fed through the layers
+        # ahead of the tokens; when None, the attention modules supply those positions' keys/values
+        # themselves (``AttnContext.virtual``).
+        self.virtual_tokens = 0
+        self.virtual_embeds: nn.Module | None = None
         cos, sin = self.rope_buffers(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -63,7 +73,8 @@ class Transformer(nn.Module):
     @staticmethod
     def rope_buffers(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE cos/sin tables (max_seq_len, head_dim), float32; not saved in checkpoints."""
-        return rope_tables(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), cfg.max_seq_len)
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        return rope_tables(inv_freq, cfg.max_seq_len, rope_attention_scale(cfg.rope_scaling))
 
     @classmethod
     def empty(cls, cfg: ModelConfig, *, dtype: torch.dtype | None = None,
@@ -95,14 +106,17 @@ class Transformer(nn.Module):
         self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> KVCache:
-        """Allocate a KV cache for ``batch_size`` rows of up to ``max_len`` tokens (default: context)."""
+        """Allocate a KV cache for ``batch_size`` rows of up to ``max_len`` tokens (default: context),
+        plus room for the model's ``virtual_tokens``."""
         cfg = self.config
-        max_len = cfg.max_seq_len if max_len is None else max_len
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"cache max_len={max_len} exceeds the model context max_seq_len={cfg.max_seq_len}")
+        V = self.virtual_tokens
+        max_len = cfg.max_seq_len - V if max_len is None else max_len
+        if max_len + V > cfg.max_seq_len:
+            extra = f" + {V} virtual tokens" if V else ""
+            raise ValueError(f"cache max_len={max_len}{extra} exceeds the model context max_seq_len={cfg.max_seq_len}")
         p = self.embed_tokens.weight
         return KVCache(
-            cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_len,
+            cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_len + V,
             dtype=dtype or p.dtype, device=device or p.device,
         )
 
@@ -127,16 +141,27 @@ class Transformer(nn.Module):
         pad_mask: (B, T) False at padding tokens of ``input_ids`` (left padding); with a cache it
             is remembered for later decode steps.
         return_hidden: also return the final (normed) hidden state (B, T, dim).
+        With ``virtual_tokens`` (module docstring), ``positions`` and ``pad_mask`` still describe
+        the T real tokens only; the model shifts and extends them.
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
+        lead = self.virtual_tokens if start == 0 else 0  # virtual positions beginning in this call
+        inject = lead if self.virtual_embeds is not None else 0  # of those, fed through the layers
+        if self.virtual_tokens:
+            positions = self.virtual_positions(positions, seqs, start, lead, inject, T, input_ids.device)
         if positions is None and seqs is not None:
             positions = seqs.positions
-        if positions is None:
-            if start + T > self.config.max_seq_len:
-                raise ValueError(
-                    f"sequence of {start + T} tokens exceeds the model context max_seq_len={self.config.max_seq_len}"
-                )
+        if positions is None and start + T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds the model context max_seq_len={self.config.max_seq_len}"
+            )
+        scaling = self.config.rope_scaling
+        if scaling is not None and scaling["type"] == "dynamic":  # frequencies depend on the length
+            pos = torch.arange(start, start + T, device=input_ids.device) if positions is None else positions
+            cos, sin = dynamic_rope(self.config.head_dim, self.config.rope_theta, scaling, pos)
+            cos, sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
+        elif positions is None:
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, D)
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B|1, T, D)
@@ -145,16 +170,44 @@ class Transformer(nn.Module):
         else:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
 
-        key_valid = cache.mark(B, T, pad_mask) if cache is not None else pad_mask
-        ctx = AttnContext(cos=cos, sin=sin, cache=cache, seqs=seqs, key_valid=key_valid, backend=self.attn_backend)
+        if lead and pad_mask is not None:
+            pad_mask = torch.cat([pad_mask.new_ones(B, lead, dtype=torch.bool), pad_mask.bool()], dim=1)
+        key_valid = cache.mark(B, lead + T, pad_mask) if cache is not None else pad_mask
+        ctx = AttnContext(cos=cos, sin=sin, cache=cache, seqs=seqs, key_valid=key_valid, backend=self.attn_backend,
+                          virtual=lead - inject)
         x = self.embed_tokens(input_ids)  # (B, T, dim)
+        if inject:
+            x = torch.cat([self.virtual_embeds(B).to(x.dtype), x], dim=1)  # (B, inject + T, dim)
         for layer in self.layers:
             x = layer(x, ctx)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(lead + T)
+        if inject:
+            x = x[:, inject:]  # (B, T, dim): callers see their own tokens only
         h = self.norm(x)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, vocab)
         return (logits, h) if return_hidden else logits
+
+    def virtual_positions(self, positions, seqs, start: int, lead: int, inject: int, T: int, device) -> torch.Tensor:
+        """RoPE positions of this call's rows when the model has ``virtual_tokens``: those of the T
+        real tokens (the caller's, counting real tokens only, or the default) shifted past the
+        virtual ones, after ``arange(inject)`` for virtual positions fed through the layers."""
+        V = self.virtual_tokens
+        if seqs is not None:
+            raise ValueError(f"packed sequences (seqs) cannot be combined with {V} virtual tokens; turn packing off")
+        if positions is None:
+            end = start + lead + T  # a cache already counts the virtual positions in ``start``
+            if end > self.config.max_seq_len:
+                raise ValueError(
+                    f"sequence of {end} tokens ({V} virtual included) exceeds the model context "
+                    f"max_seq_len={self.config.max_seq_len}"
+                )
+            return torch.arange(end - inject - T, end, device=device)  # (inject + T,)
+        positions = positions + V
+        if inject:
+            ahead = torch.arange(inject, device=positions.device).expand(*positions.shape[:-1], inject)
+            positions = torch.cat([ahead, positions], dim=-1)  # (B|., inject + T)
+        return positions
 
     def num_params(self, *, trainable_only: bool = False) -> int:
         seen, n = set(), 0

@@ -7,6 +7,11 @@ newest. Each folder has ``config.json`` (the ModelConfig), ``model.safetensors``
 with ``torch.load(weights_only=True)``). A folder is written under a temporary name and renamed
 when complete; the symlink is then swapped atomically, so an interrupted save leaves the previous
 checkpoint as the one that loads.
+
+A parameter-efficient fine-tune saves no copy of the base model: its checkpoint folder holds
+``adapter/`` (``lmstack.peft.save_adapter``) and ``finetune.json`` (the method, its options and the
+base checkpoint it was trained on, with that base's config to check against) in place of
+``config.json`` + ``model.safetensors``; ``load_model`` rebuilds base + adapter.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,6 +29,8 @@ from ..io import atomic_dir, atomic_write_json, copy_tensors_into, fsync_dir, op
 from ..model import Transformer
 
 CONFIG_FORMAT = "lmstack"
+FINETUNE_FILE = "finetune.json"  # marks an adapter checkpoint (base pointer + PEFT method)
+FINETUNE_FORMAT = "lmstack-finetune"
 
 
 def save_model_dir(model: Transformer, out: Path) -> None:
@@ -42,12 +49,17 @@ def save_checkpoint(
     scaler: Any = None,
     tokenizer_file: str | Path | None = None,
     keep_last: int = 2,
+    write_model: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write ``run_dir/checkpoints/step_{step}`` atomically and point ``run_dir/checkpoint`` at it."""
+    """Write ``run_dir/checkpoints/step_{step}`` atomically and point ``run_dir/checkpoint`` at it.
+    ``write_model(folder)`` replaces the default config.json + model.safetensors (adapter runs)."""
     run_dir = Path(run_dir)
     final = run_dir / "checkpoints" / f"step_{step:06d}"
     with atomic_dir(final) as tmp:
-        save_model_dir(model, tmp)
+        if write_model is None:
+            save_model_dir(model, tmp)
+        else:
+            write_model(tmp)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         atomic_write_json(tmp / "trainer_state.json", {"step": step, **(trainer_state or {})})
@@ -82,17 +94,78 @@ def _prune(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint folder, or a run directory (uses its ``checkpoint`` link)."""
+def resolve_checkpoint(path: str | Path, *, adapters: bool = False) -> Path:
+    """Accept a checkpoint folder, or a run directory (uses its ``checkpoint`` link). Adapter
+    checkpoints (``finetune.json``, no full model) are accepted only with ``adapters=True``."""
     path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if (path / "checkpoint" / "config.json").is_file():
-        return (path / "checkpoint").resolve()
+    for folder in (path, path / "checkpoint"):
+        if (folder / "config.json").is_file():
+            return folder.resolve() if folder != path else path
+        if (folder / FINETUNE_FILE).is_file():
+            if adapters:
+                return folder.resolve() if folder != path else path
+            raise ValueError(
+                f"{folder} is an adapter checkpoint (a fine-tune that stores only its adapter); pass its base "
+                f"model checkpoint here, or load it with lmstack.load_checkpoint / `lmstack eval --adapter`"
+            )
     raise FileNotFoundError(
         f"no lmstack checkpoint at {path} (expected config.json and model.safetensors); "
         "pass a checkpoint folder or a run directory"
     )
+
+
+def is_adapter_checkpoint(ckpt: Path) -> bool:
+    return (Path(ckpt) / FINETUNE_FILE).is_file() and not (Path(ckpt) / "config.json").is_file()
+
+
+def write_finetune_info(folder: Path, *, method: str, options: dict[str, Any], base: Path) -> None:
+    """``finetune.json``: the PEFT method and options and the base checkpoint (absolute path + config)."""
+    base = Path(base).resolve()
+    atomic_write_json(folder / FINETUNE_FILE, {
+        "format": FINETUNE_FORMAT, "method": method, "method_options": options, "base": str(base),
+        "base_config": read_config(base).to_dict(),
+    })
+
+
+def read_finetune_info(ckpt: Path) -> dict[str, Any]:
+    file = Path(ckpt) / FINETUNE_FILE
+    try:
+        info = json.loads(file.read_text())
+        assert info.pop("format") == FINETUNE_FORMAT and {"method", "base", "base_config"} <= set(info)
+    except (OSError, ValueError, KeyError, AssertionError):
+        raise ValueError(f"{file} is not a readable lmstack fine-tune description; the checkpoint is damaged") from None
+    return info
+
+
+def load_adapter_into(model: Transformer, adapter_dir: str | Path) -> Transformer:
+    """Add a saved adapter (``lmstack.peft.save_adapter`` folder, or an adapter checkpoint / run
+    directory holding one) to ``model`` in place."""
+    from .. import peft
+
+    path = Path(adapter_dir)
+    if not (path / "adapter").is_dir() and (path / "checkpoint" / "adapter").is_dir():
+        path = path / "checkpoint"
+    if (path / "adapter").is_dir():
+        path = path / "adapter"
+    if not path.is_dir():
+        raise FileNotFoundError(f"no adapter at {adapter_dir}; pass a fine-tune run, its checkpoint or adapter folder")
+    peft.load_adapter(model, path)
+    return model
+
+
+def _load_adapter_checkpoint(ckpt: Path, base: str | Path | None, device, dtype) -> Transformer:
+    info = read_finetune_info(ckpt)
+    base_path = Path(base) if base is not None else Path(info["base"])
+    try:
+        base_ckpt = resolve_checkpoint(base_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{ckpt} was fine-tuned from {base_path}, which is gone; pass the base model checkpoint explicitly "
+            f"(`lmstack eval --checkpoint BASE --adapter {ckpt}`)"
+        ) from None
+    if read_config(base_ckpt).to_dict() != info["base_config"]:
+        raise ValueError(f"{base_ckpt} is not the model {ckpt} was fine-tuned from (its config differs)")
+    return load_adapter_into(load_model(base_ckpt, device=device, dtype=dtype), ckpt / "adapter")
 
 
 def read_config(ckpt: Path) -> ModelConfig:
@@ -120,27 +193,34 @@ def load_weights(model: Transformer, file: Path) -> None:
     copy_tensors_into(expected, {name: (file, name) for name in expected})
 
 
-def load_model(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
-    ckpt = resolve_checkpoint(path)
+def load_model(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+               base: str | Path | None = None) -> Transformer:
+    """The model of a checkpoint folder or run directory, in eval mode. An adapter checkpoint gives
+    its base model with the adapter added (``base`` overrides the base path it records)."""
+    ckpt = resolve_checkpoint(path, adapters=True)
+    if is_adapter_checkpoint(ckpt):
+        return _load_adapter_checkpoint(ckpt, base, device, dtype).eval()
     cfg = read_config(ckpt)
     model = Transformer.empty(cfg, dtype=dtype, device=device)
     load_weights(model, ckpt / "model.safetensors")
     return model.eval()
 
 
-def load_checkpoint(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """(model, tokenizer) from an lmstack checkpoint folder or run directory."""
+def load_checkpoint(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                    base: str | Path | None = None):
+    """(model, tokenizer) from an lmstack checkpoint folder or run directory (adapter checkpoints
+    included: see ``load_model``)."""
     from ..data.tokenizer import Tokenizer
 
-    ckpt = resolve_checkpoint(path)
-    model = load_model(ckpt, device=device, dtype=dtype)
+    ckpt = resolve_checkpoint(path, adapters=True)
+    model = load_model(ckpt, device=device, dtype=dtype, base=base)
     tok = Tokenizer.from_file(ckpt / "tokenizer.json") if (ckpt / "tokenizer.json").is_file() else None
     return model, tok
 
 
 def load_training_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainer_state.json contents, optimizer.pt contents) — the latter loaded weights_only."""
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path, adapters=True)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     opt_file = ckpt / "optimizer.pt"
     opt = torch.load(opt_file, map_location="cpu", weights_only=True) if opt_file.is_file() else {}

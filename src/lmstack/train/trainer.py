@@ -6,6 +6,11 @@ Exact resume rests on one rule: nothing random depends on history. The batch for
 ``(step, i)`` is drawn from a generator seeded by ``(seed, step, i)``, evaluation windows are
 fixed, and the optimizer/scaler/RNG states are saved with the weights; so 10 steps + resume + 10
 steps replays 20 straight steps bit for bit.
+
+The loop is shared with fine-tuning (``lmstack.train.finetune.Finetuner``): a subclass supplies
+the data (``_setup_data``, ``_batch`` returning inputs, targets with -100 where no loss, optional
+``Seqs`` and the real token count), the model (``_build_model``: e.g. a base checkpoint with PEFT
+modules), evaluation and checkpoint writing; only parameters with ``requires_grad`` are optimised.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ..config import ModelConfig, dataclass_from_dict
 from ..data.corpus import TokenDataset, load_dataset
 from ..data.packing import doc_seqs, get_windows, sample_batch
 from ..io import atomic_write_json
+from ..kernels import Seqs
 from ..model import Transformer
 from .checkpoint import load_training_state, load_weights, resolve_checkpoint, save_checkpoint
 from .objectives import causal_lm_loss
@@ -114,22 +120,18 @@ class Trainer:
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         )
-        self.data = dataset if dataset is not None else load_dataset(cfg.data)
-        self.token_bytes = torch.from_numpy(self.data.tokenizer().token_bytes().astype(np.int64)).to(self.device)
-        self.eos_id = self.data.eos_id
-
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+        self._setup_data(dataset)
         resume_from = None
         if resume:
             try:
-                resume_from = resolve_checkpoint(self.out)
+                resume_from = resolve_checkpoint(self.out, adapters=True)
             except FileNotFoundError:
                 raise FileNotFoundError(
                     f"--resume: no checkpoint in {self.out}; start without --resume or point out_dir at a run"
                 ) from None
-        self.model_cfg = self._model_config()
-        torch.manual_seed(cfg.seed)
-        self.model = Transformer(self.model_cfg).to(self.device)
+        torch.manual_seed(self.cfg.seed)
+        self.model = self._build_model(resume_from).to(self.device)
         self.optimizer = self._optimizer()
         self.scaler = (
             torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
@@ -139,7 +141,17 @@ class Trainer:
         self.train_step_fn = torch.compile(self._loss) if cfg.compile else self._loss
         self._stop_requested = False
 
-    # -- setup --------------------------------------------------------------------------------
+    # -- setup (the hooks a fine-tuning subclass replaces) -----------------------------------------
+    def _setup_data(self, dataset: TokenDataset | None) -> None:
+        self.data = dataset if dataset is not None else load_dataset(self.cfg.data)
+        self.token_bytes = torch.from_numpy(self.data.tokenizer().token_bytes().astype(np.int64)).to(self.device)
+        self.eos_id = self.data.eos_id
+
+    def _build_model(self, resume_from: Path | None) -> torch.nn.Module:
+        """A freshly initialised model (the caller seeds the RNG; ``_restore`` loads weights)."""
+        self.model_cfg = self._model_config()
+        return Transformer(self.model_cfg)
+
     def _model_config(self) -> ModelConfig:
         cfg = self.cfg
         overrides = dict(cfg.model_overrides)
@@ -153,9 +165,16 @@ class Trainer:
             raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}")
         return mcfg
 
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer updates: those with ``requires_grad`` (all, in pretraining)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def _optimizer(self) -> torch.optim.Optimizer:
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]  # matrices and embeddings
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norm gains, biases
+        params = self.trainable()
+        if not params:
+            raise ValueError("the model has no parameter with requires_grad=True; nothing to train")
+        decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings
+        no_decay = [p for p in params if p.dim() < 2]  # norm gains, biases
         groups = [
             {"params": decay, "weight_decay": self.cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
@@ -163,8 +182,11 @@ class Trainer:
         kw = {"fused": True} if self.device.type == "cuda" else {}
         return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), eps=1e-8, **kw)
 
-    def _restore(self, ckpt: Path) -> None:
+    def _restore_weights(self, ckpt: Path) -> None:
         load_weights(self.model, ckpt / "model.safetensors")
+
+    def _restore(self, ckpt: Path) -> None:
+        self._restore_weights(ckpt)
         state, opt = load_training_state(ckpt)
         self.step, self.tokens_seen = state["step"], state.get("tokens_seen", 0)
         self.elapsed = state.get("elapsed", 0.0)
@@ -184,13 +206,16 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, Seqs | None, int]:
+        """Micro-batch ``micro`` of optimizer step ``step``: inputs (B, T), targets (B, T) (-100 =
+        no loss), packed-document ``Seqs`` or None, and the number of real (non-padding) tokens."""
         g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step * 1009 + micro) % (2**63))
         x, y = sample_batch(self.data.train, self.cfg.batch_size, self.cfg.seq_len, g)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), None, x.numel()
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        seqs = doc_seqs(x, self.eos_id) if self.cfg.doc_mask else None
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, seqs: Seqs | None = None) -> torch.Tensor:
+        if seqs is None and self.cfg.doc_mask:
+            seqs = doc_seqs(x, self.eos_id)
         with self._autocast():
             logits = self.model(x, seqs=seqs)
         return causal_lm_loss(logits, y)
@@ -201,13 +226,9 @@ class Trainer:
 
         cfg = self.cfg
         until = cfg.max_steps if until is None else min(until, cfg.max_steps)
-        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out / "train_config.json", cfg.to_dict())
-        self._log(
-            f"model {cfg.model}: {self.model.num_params() / 1e6:.2f}M params | {tokens_per_step} tokens/step | "
-            f"{cfg.max_steps} steps | {cfg.precision} on {self.device}"
-        )
+        self._log(self._describe())
         old_handler = self._install_sigint()
         bar = tqdm(total=until, initial=self.step, unit="step", dynamic_ncols=True, disable=not self.progress)
         last_eval: dict[str, Any] = {}
@@ -216,7 +237,7 @@ class Trainer:
         try:
             while self.step < until:
                 t0 = time.perf_counter()
-                loss = self._optimizer_step(self.step)
+                loss, step_tokens = self._optimizer_step(self.step)
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
                 loss_val = loss.item()
@@ -229,8 +250,8 @@ class Trainer:
                 else:
                     skipped_in_a_row = 0
                 self.step += 1
-                self.tokens_seen += tokens_per_step
-                tok_window += tokens_per_step
+                self.tokens_seen += step_tokens
+                tok_window += step_tokens
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == until:
                     now = time.perf_counter()
@@ -263,28 +284,37 @@ class Trainer:
             bar.close()
             signal.signal(signal.SIGINT, old_handler)
 
-    def _optimizer_step(self, step: int) -> torch.Tensor:
+    def _describe(self) -> str:
+        cfg = self.cfg
+        return (f"model {cfg.model}: {self.model.num_params() / 1e6:.2f}M params | "
+                f"{cfg.batch_size * cfg.seq_len * cfg.grad_accum} tokens/step | {cfg.max_steps} steps | "
+                f"{cfg.precision} on {self.device}")
+
+    def _optimizer_step(self, step: int) -> tuple[torch.Tensor, int]:
+        """One optimizer step; returns the (accumulated) loss and the real tokens it trained on."""
         cfg = self.cfg
         lr = lr_at(step, cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         total = torch.zeros((), device=self.device)
+        n_tokens = 0
         for micro in range(cfg.grad_accum):
-            x, y = self._batch(step, micro)
-            loss = self.train_step_fn(x, y) / cfg.grad_accum
+            x, y, seqs, n = self._batch(step, micro)
+            loss = (self.train_step_fn(x, y) if seqs is None else self.train_step_fn(x, y, seqs)) / cfg.grad_accum
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach()
+            n_tokens += n
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.trainable(), cfg.grad_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped when the gradients hold inf/nan
             self.scaler.update()
         elif torch.isfinite(total):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return total, n_tokens
 
     def _diverged(self, loss_val: float) -> None:
         latest = self.out / "checkpoint"
@@ -337,9 +367,14 @@ class Trainer:
 
     def _eval_and_log(self, max_tokens: int, bar) -> dict[str, Any]:
         r = self.evaluate(max_tokens)
+        if not r:  # nothing held out to evaluate on
+            return r
         r["step"] = self.step
         self._metric(r)
-        msg = f"step {self.step}: val loss {r['val_loss']:.4f} | val bits/byte {r['val_bpb']:.4f} ({r['val_tokens']} tokens)"
+        msg = f"step {self.step}: val loss {r['val_loss']:.4f}"
+        if "val_bpb" in r:
+            msg += f" | val bits/byte {r['val_bpb']:.4f}"
+        msg += f" ({r['val_tokens']} tokens)"
         if bar is not None:
             bar.write(msg)
         else:
@@ -378,7 +413,9 @@ class Trainer:
 
         recs = self.read_metrics()
         train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-        val = [(r["step"], r["val_bpb"]) for r in recs if "val_bpb" in r]
+        val_key, val_label = ("val_bpb", "validation bits per byte") if any("val_bpb" in r for r in recs) else \
+            ("val_loss", "validation loss (nats/token)")
+        val = [(r["step"], r[val_key]) for r in recs if val_key in r]
         if not train:
             return None
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -387,15 +424,18 @@ class Trainer:
         ax.set_ylabel("train loss (nats/token)")
         if val:
             ax2 = ax.twinx()
-            ax2.plot(*zip(*val), "o-", label="val bits/byte", color="tab:orange")
-            ax2.set_ylabel("validation bits per byte")
-        ax.set_title(f"{self.cfg.model} on {self.cfg.data}")
+            ax2.plot(*zip(*val), "o-", label=val_label.replace("validation", "val"), color="tab:orange")
+            ax2.set_ylabel(val_label)
+        ax.set_title(self._plot_title())
         fig.legend(loc="upper right")
         fig.tight_layout()
         path = self.out / "loss.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+    def _plot_title(self) -> str:
+        return f"{self.cfg.model} on {self.cfg.data}"
 
     # -- signals ------------------------------------------------------------------------------
     def _install_sigint(self):

@@ -1,0 +1,248 @@
+"""lmstack's Triton FlashAttention vs PyTorch SDPA's FlashAttention-2 and cuDNN backends, on one GPU.
+
+1. Kernel throughput, bf16, forward and forward+backward, TFLOP/s on the grid GRID below.
+   FLOPs: forward = 4*B*H*S*S*D (halved when causal); forward+backward counts 3.5x the forward.
+   Each number is the median of CUDA-event timed repetitions after warm-up (triton.testing.do_bench);
+   the first call (compilation, autotuning) is outside the timing. The max |difference| of our
+   output to SDPA-flash's is recorded as a sanity check.
+2. Training tokens/s of the llama-1.1b shape (fewer layers so it fits the time; bf16 autocast,
+   AdamW) on documents with log-uniform lengths in 64..2048: packed rows with per-document
+   attention (Seqs -> our varlen kernel) vs one document per row, right-padded to the longest in
+   the batch. Only trained tokens (real tokens with a next-token target) count.
+
+Writes bench/results/attention.json and the "attention" section of docs/benchmarks.md.
+
+    python bench/attention.py [--layers 4] [--steps 10]
+
+Needs CUDA: without it, prints a message and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lmstack
+from lmstack.kernels import Seqs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, meta, update_docs  # noqa: E402
+
+# (batch, heads, seq_len, head_dim, causal)
+GRID = [
+    (4, 32, 2048, 128, True),
+    (2, 32, 4096, 128, True),
+    (1, 32, 8192, 128, True),
+    (2, 32, 4096, 128, False),
+    (2, 32, 4096, 64, True),
+]
+IMPLS = ("lmstack-triton", "sdpa-flash", "sdpa-cudnn")
+
+
+def attention_fns() -> dict:
+    """name -> f(q, k, v, causal) on (B, S, H, D) tensors returning (B, S, H, D)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lmstack.kernels.flash_attention import flash_attn_func
+
+    def sdpa(backend):
+        def f(q, k, v, causal):
+            with sdpa_kernel(backend):  # only this backend: an unsupported case raises
+                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   is_causal=causal)
+            return o.transpose(1, 2)
+        return f
+
+    return {
+        "lmstack-triton": lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal),
+        "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+    }
+
+
+def median_ms(fn, **kw) -> float:
+    from triton.testing import do_bench
+
+    fn()  # compile / autotune outside the timing
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=25, rep=100, return_mode="median", **kw)
+
+
+def kernel_bench() -> list[dict]:
+    fns = attention_fns()
+    rows = []
+    for B, H, S, D, causal in GRID:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        flops = 4 * B * H * S * S * D / (2 if causal else 1)
+        row = {"B": B, "H": H, "S": S, "D": D, "causal": causal, "fwd_tflops": {}, "fwd_bwd_tflops": {}}
+        with torch.no_grad():
+            row["max_abs_diff_vs_sdpa_flash"] = (fns["lmstack-triton"](q, k, v, causal).float()
+                                                 - fns["sdpa-flash"](q, k, v, causal).float()).abs().max().item()
+        for name, f in fns.items():
+            try:
+                with torch.no_grad():
+                    ms = median_ms(lambda: f(q, k, v, causal))
+                row["fwd_tflops"][name] = flops / ms / 1e9  # flops / (ms * 1e-3) / 1e12
+                ms = median_ms(lambda: f(q, k, v, causal).backward(do), grad_to_none=[q, k, v])
+                row["fwd_bwd_tflops"][name] = 3.5 * flops / ms / 1e9
+            except RuntimeError as e:  # a backend that does not take this case on this GPU / torch
+                print(f"  {name} skipped: {str(e).splitlines()[0]}", flush=True)
+                row["fwd_tflops"].setdefault(name, None)
+                row["fwd_bwd_tflops"].setdefault(name, None)
+        print(f"B={B} H={H} S={S} D={D} causal={causal}: fwd {fmt(row['fwd_tflops'])} | "
+              f"fwd+bwd {fmt(row['fwd_bwd_tflops'])}", flush=True)
+        rows.append(row)
+        del q, k, v, do
+    return rows
+
+
+def cell(x: float | None) -> str:
+    return "—" if x is None else f"{x:.0f}"
+
+
+def fmt(d: dict) -> str:
+    return ", ".join(f"{k} {cell(x)}" for k, x in d.items())
+
+
+# -- training tokens/s: packed (varlen) vs padded ------------------------------------------------
+
+
+def doc_lengths(n: int, g: torch.Generator, lo: int = 64, hi: int = 2048) -> list[int]:
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    return [int(x) for x in torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))).round()]
+
+
+def packed_batch(g, B, T, vocab):
+    """B rows of T tokens filled with documents back to back (a document cut by a row end continues
+    as a new one on the next row). Returns input ids, targets (-100 at each document's last token:
+    no prediction across documents) and Seqs."""
+    doc_ids = torch.empty(B * T, dtype=torch.long)
+    pos, d = 0, 0
+    while pos < B * T:
+        n = doc_lengths(1, g)[0]
+        doc_ids[pos : pos + n] = d
+        pos, d = pos + n, d + 1
+    seqs = Seqs.from_doc_ids(doc_ids.view(B, T))
+    x = torch.randint(0, vocab, (B, T), generator=g)
+    y = torch.randint(0, vocab, (B, T), generator=g)
+    last = torch.ones(B, T, dtype=torch.bool)
+    last[:, :-1] = seqs.doc_ids[:, 1:] != seqs.doc_ids[:, :-1]
+    y[last] = -100
+    return x, y, seqs, B * T - int(last.sum())
+
+
+def padded_batch(g, B, vocab):
+    """B documents, one per row, right-padded to the longest (causal attention never looks right,
+    so padding needs no mask; its targets are -100)."""
+    lens = doc_lengths(B, g)
+    L = max(lens)
+    x = torch.randint(0, vocab, (B, L), generator=g)
+    y = torch.randint(0, vocab, (B, L), generator=g)
+    for i, n in enumerate(lens):
+        y[i, n - 1 :] = -100  # the last real token has no next token; the rest is padding
+    return x, y, None, sum(n - 1 for n in lens)
+
+
+def train_tokens_per_s(model, batches, steps, warmup=3) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    times, tokens = [], []
+    for i in range(warmup + steps):
+        x, y, seqs, n_tok = batches[i % len(batches)]
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(x, seqs=seqs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+            tokens.append(n_tok)
+    return sum(tokens) / sum(times)
+
+
+def training_bench(layers: int, steps: int, B: int = 8, T: int = 2048) -> dict:
+    cfg = lmstack.ModelConfig.from_preset("llama-1.1b", n_layers=layers)
+    torch.manual_seed(0)
+    model = lmstack.Transformer(cfg).cuda().train()
+    g = torch.Generator().manual_seed(0)
+    to_cuda = lambda b: (b[0].cuda(), b[1].cuda(), None if b[2] is None else b[2].to("cuda"), b[3])  # noqa: E731
+    packed = [to_cuda(packed_batch(g, B, T, cfg.vocab_size)) for _ in range(8)]
+    padded = [to_cuda(padded_batch(g, B, cfg.vocab_size)) for _ in range(8)]
+    slots = sum(b[0].numel() for b in padded)
+    result = {"preset": "llama-1.1b", "n_layers": layers, "rows": B, "packed_row_len": T,
+              "padded_fill": sum(b[3] for b in padded) / slots, "tok_s": {}}
+    for name, backend, batches in (("packed varlen, triton", "triton", packed),
+                                   ("padded, triton", "triton", padded),
+                                   ("padded, sdpa", "sdpa", padded),
+                                   ("packed doc-mask, sdpa", "sdpa", packed)):
+        model.attn_backend = backend
+        result["tok_s"][name] = train_tokens_per_s(model, batches, steps)
+        print(f"train {name}: {result['tok_s'][name]:,.0f} tok/s", flush=True)
+    return result
+
+
+def render(r: dict) -> str:
+    m = r["meta"]
+    lines = [
+        f"device: {m['device']} | torch {m['torch']} | {m['date']} | commit {m['commit']}",
+        "",
+        "Attention kernels, bf16, TFLOP/s (forward = 4·B·H·S²·D, halved when causal; forward+backward "
+        "= 3.5x forward), median of timed repetitions:",
+        "",
+        "| B | H | S | D | causal | " + " | ".join(f"fwd {n}" for n in IMPLS) + " | "
+        + " | ".join(f"fwd+bwd {n}" for n in IMPLS) + " | max abs diff vs sdpa-flash |",
+        "|" + "---|" * (6 + 2 * len(IMPLS)),
+    ]
+    for row in r["kernels"]:
+        cells = [cell(row["fwd_tflops"].get(n)) for n in IMPLS] + [cell(row["fwd_bwd_tflops"].get(n)) for n in IMPLS]
+        lines.append(f"| {row['B']} | {row['H']} | {row['S']} | {row['D']} | {'yes' if row['causal'] else 'no'} | "
+                     + " | ".join(cells) + f" | {row['max_abs_diff_vs_sdpa_flash']:.1e} |")
+    t = r["training"]
+    lines += [
+        "",
+        f"Training step, {t['preset']} shape with {t['n_layers']} layers, bf16 autocast, AdamW; documents of "
+        f"log-uniform length 64..2048; packed: {t['rows']} rows x {t['packed_row_len']} tokens; padded: "
+        f"{t['rows']} documents per batch, {t['padded_fill']:.0%} of the padded slots are real tokens. "
+        "Trained tokens/s (tokens with a target; padding excluded):",
+        "",
+        "| batches | attention | tokens/s |",
+        "|---|---|---|",
+    ]
+    for name, tok_s in t["tok_s"].items():
+        batching, backend = name.split(", ")
+        lines.append(f"| {batching} | {backend} | {tok_s:,.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("bench/attention.py needs a CUDA GPU (Triton kernels vs SDPA flash/cuDNN); none found, nothing to do.")
+        return 0
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4, help="layers of the llama-1.1b shape in the training part")
+    ap.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
+    args = ap.parse_args()
+    results = {"kernels": kernel_bench(), "training": training_bench(args.layers, args.steps), "meta": meta()}
+    out = ROOT / "bench" / "results" / "attention.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    table = render(results)
+    update_docs("attention", table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

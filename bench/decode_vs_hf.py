@@ -1,0 +1,152 @@
+"""Decoding speed, lmstack vs Hugging Face transformers, same weights, one run.
+
+Three workloads, each with every library's own ``generate`` and no EOS (every row decodes all
+``--new-tokens`` tokens after a ``--prompt-len``-token prompt):
+  greedy batch 1, greedy batch 8, and beam search with 4 beams (batch 1).
+tokens/s counts generated positions per prompt row: batch 8 counts 8 per step, beam search 1 per
+step however many beams it keeps. Timings are the best of ``--repeats`` runs after a warm-up
+(compilation excluded). The script also reports whether both libraries produced the same tokens.
+
+CPU (default): the ``tiny`` preset in fp32. GPU: ``--device cuda --model llama-1.1b --dtype bf16``
+also runs transformers with its static cache (``cache_implementation="static"``), the setting its
+docs recommend for speed (generate then compiles the forward). Weights are random, scaled up so the next-token
+distributions are peaked like a trained model's (no near-ties between the libraries).
+
+Writes bench/results/decode_vs_hf[_<device>].json and a table in docs/benchmarks.md.
+
+    python bench/decode_vs_hf.py [--threads 2] [--new-tokens 200] [--repeats 3]
+    python bench/decode_vs_hf.py --device cuda --model llama-1.1b --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lmstack
+from lmstack.generate import generate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, hf_twin, meta, update_docs  # noqa: E402
+
+WORKLOADS = {"greedy batch 1": (1, 1), "greedy batch 8": (8, 1), "beam search, 4 beams": (1, 4)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def timed(fn, repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    """Best wall time of ``repeats`` calls (after one warm-up call) and the last output."""
+    out = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def build(args, device, dtype):
+    cfg = lmstack.ModelConfig.from_preset(args.model)
+    torch.manual_seed(0)
+    with torch.device(device):
+        ours = lmstack.Transformer(cfg)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "norm" not in name:
+                p.mul_(args.weight_scale)
+    ours = ours.to(dtype).eval()
+    return cfg, ours, hf_twin(ours).eval()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="tiny", help="ModelConfig preset")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--weight-scale", type=float, default=3.0)
+    ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here; nothing measured")
+        return 0
+    torch.set_num_threads(args.threads)
+    cfg, ours, theirs = build(args, device, dtype)
+    N = args.new_tokens
+    if args.prompt_len + N > cfg.max_seq_len:
+        raise SystemExit(f"--prompt-len + --new-tokens = {args.prompt_len + N} exceeds the context {cfg.max_seq_len}")
+    g = torch.Generator().manual_seed(1)
+
+    variants = {"lmstack": {}, "lmstack+compile": {"compile": True}}
+    results = {"meta": meta(), "model": args.model, "dtype": args.dtype, "prompt_len": args.prompt_len,
+               "new_tokens": N, "workloads": {}}
+    for wl, (B, beams) in WORKLOADS.items():
+        ids = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g).to(device)
+        row: dict = {}
+        outs: dict = {}
+        for name, kw in variants.items():
+            t, outs[name] = timed(lambda: generate(ours, ids, N, num_beams=beams, **kw).sequences,
+                                  args.repeats, device)
+            row[name] = B * N / t
+            print(f"{wl}: {name} {row[name]:,.0f} tok/s", flush=True)
+        hf_runs = {"hf": {}}
+        if device.type == "cuda":
+            # transformers compiles the forward itself when the cache is static (on CUDA)
+            hf_runs["hf static cache"] = {"cache_implementation": "static"}
+        for name, kw in hf_runs.items():
+            with torch.inference_mode():
+                t, outs[name] = timed(lambda: theirs.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
+                    do_sample=False, num_beams=beams, early_stopping=False, **kw), args.repeats, device)
+            row[name] = B * N / t
+            print(f"{wl}: {name} {row[name]:,.0f} tok/s", flush=True)
+        row["same_tokens"] = all(torch.equal(o, outs["hf"]) for o in outs.values())
+        results["workloads"][wl] = row
+
+    suffix = "" if device.type == "cpu" else f"_{device.type}"
+    out = ROOT / "bench" / "results" / f"decode_vs_hf{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    table = render(results)
+    if not args.no_docs:
+        update_docs(f"decode_vs_hf{suffix}", table)
+    print(table)
+    return 0
+
+
+def render(r: dict) -> str:
+    m = r["meta"]
+    names = [k for k in next(iter(r["workloads"].values())) if k != "same_tokens"]
+    theirs = [n for n in names if n.startswith("hf")]
+    lines = [
+        f"device: {m['device']} | torch {m['torch']} | transformers {m['transformers']} | {m['date']} | "
+        f"commit {m['commit']}",
+        f"model: `{r['model']}` preset, {r['dtype']}, {r['prompt_len']}-token prompts, {r['new_tokens']} new tokens; "
+        "tokens/s = generated positions per prompt row per second",
+        "",
+        "| workload | " + " | ".join(names) + " | lmstack / HF | lmstack+compile / HF | same tokens |",
+        "|---|" + "---|" * (len(names) + 3),
+    ]
+    for wl, row in r["workloads"].items():
+        cells = [f"{row[n]:,.0f}" for n in names]
+        ratios = [f"{row['lmstack'] / row['hf']:.2f}x", f"{row['lmstack+compile'] / row['hf']:.2f}x"]
+        lines.append(f"| {wl} | " + " | ".join(cells + ratios) + f" | {row['same_tokens']} |")
+    if len(theirs) > 1:
+        lines.append("\nHF's static cache row is transformers' fastest documented setting; ratios are against its default.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

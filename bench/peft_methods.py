@@ -1,0 +1,161 @@
+"""Every PEFT method and full fine-tuning on the Shakespeare instruction task, one budget, one run.
+
+The base is the `make demo` model (a pretraining checkpoint); the task is `lmstack prepare
+shakespeare-tasks` ("Which play is this passage from?" / "Who speaks the lines marked ???",
+held out by passage). Each method trains for the same number of optimizer steps on the same
+padded batches (packing off for all, so every method sees exactly the same examples), with the
+learning rate and options listed in METHODS, then answers the held-out questions greedily; the
+score is exact match. Each method runs in its own process so its peak memory is its own:
+peak RSS growth over the loaded base model and data (CPU) or peak allocated memory (CUDA).
+
+Writes bench/results/peft_methods.json and a table in docs/benchmarks.md.
+
+    python bench/peft_methods.py --base runs/shakespeare-tiny [--steps 120] [--batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, meta, update_docs  # noqa: E402
+
+# method -> (learning rate, options for lmstack.peft.apply). Larger rates for the methods with
+# fewer, more constrained parameters, as their papers use.
+METHODS: dict[str, tuple[float, dict]] = {
+    "full": (1e-3, {}),
+    "lora": (3e-3, {"r": 8, "alpha": 16, "target_modules": "all-linear"}),
+    "adapter": (3e-3, {"bottleneck": 32}),
+    "prefix": (1e-2, {"num_virtual_tokens": 16}),
+    "ptuning_v2": (1e-2, {"num_virtual_tokens": 16}),
+    "prompt": (3e-2, {"num_virtual_tokens": 16, "init_text": "Which play is this passage from? Who speaks these lines?"}),
+    "ia3": (3e-2, {}),
+}
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_one(args) -> dict:
+    """Fine-tune with one method (in this process) and score it; prints one JSON line."""
+    from lmstack.data.instruct import load_split
+    from lmstack.train.finetune import FinetuneConfig, Finetuner
+    from lmstack.train.task_eval import evaluate_task
+
+    torch.set_num_threads(args.threads)
+    lr, options = METHODS[args.one]
+    out = Path(tempfile.mkdtemp(prefix=f"peft-{args.one}-"))
+    cfg = FinetuneConfig(
+        base=args.base, data=args.data, method=args.one, method_options=options, out_dir=str(out),
+        max_steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=lr, warmup_steps=10,
+        packing=False, eval_every=10**6, save_every=10**6, log_every=10, seed=0,
+    )
+    ft = Finetuner(cfg, progress=False)
+    cuda = ft.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    before = _rss_mb("VmRSS")
+    ft.train()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb("VmHWM") - before
+    steps = [r for r in ft.read_metrics() if "tok_per_s" in r]
+    # step time: elapsed between the logged steps after the first window (warm-up excluded)
+    times = [(b["elapsed"] - a["elapsed"]) / (b["step"] - a["step"]) for a, b in zip(steps[1:], steps[2:])]
+    examples = load_split(args.data, "test")[: args.eval_n]
+    acc = evaluate_task(ft.model, ft.tokenizer, examples)
+    return {
+        "method": args.one, "lr": lr, "options": {k: v for k, v in options.items() if k != "init_text"},
+        "trainable_params": ft.model.num_params(trainable_only=True), "total_params": ft.model.num_params(),
+        "peak_mem_mb": peak, "step_ms": 1e3 * statistics.median(times) if times else float("nan"),
+        "final_loss": steps[-1]["loss"] if steps else float("nan"),
+        "accuracy": acc["accuracy"], "by_kind": {k: v["accuracy"] for k, v in acc["by_kind"].items()},
+    }
+
+
+def base_accuracy(args) -> dict:
+    from lmstack.data.instruct import load_split
+    from lmstack.train import load_checkpoint
+    from lmstack.train.task_eval import evaluate_task
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_checkpoint(args.base)
+    acc = evaluate_task(model, tok, load_split(args.data, "test")[: args.eval_n])
+    return {"accuracy": acc["accuracy"], "by_kind": {k: v["accuracy"] for k, v in acc["by_kind"].items()},
+            "total_params": model.num_params()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", default=str(ROOT / "runs" / "shakespeare-tiny"), help="base checkpoint or run dir")
+    ap.add_argument("--data", default="shakespeare-tasks", help="task name (under $LMSTACK_HOME/data) or dir")
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=224, help="<= base context minus the virtual tokens")
+    ap.add_argument("--eval-n", type=int, default=400, help="held-out questions to score")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--base-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one or args.base_only:
+        print("RESULT " + json.dumps(run_one(args) if args.one else base_accuracy(args)), flush=True)
+        return 0
+
+    def child(*extra: str) -> dict:
+        cmd = [sys.executable, __file__, "--base", args.base, "--data", args.data, "--steps", str(args.steps),
+               "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--eval-n", str(args.eval_n),
+               "--threads", str(args.threads), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            raise SystemExit(f"{' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(lines[-1].removeprefix("RESULT "))
+
+    results = {"meta": meta(), "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
+               "eval_n": args.eval_n, "base": child("--base-only"), "methods": {}}
+    print(f"base: accuracy {results['base']['accuracy']:.3f}", flush=True)
+    for m in args.methods.split(","):
+        results["methods"][m] = r = child("--one", m)
+        print(f"{m}: accuracy {r['accuracy']:.3f}, {r['trainable_params']:,} trainable, "
+              f"{r['step_ms']:.0f} ms/step, peak +{r['peak_mem_mb']:.0f} MB", flush=True)
+    out = ROOT / "bench" / "results" / "peft_methods.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    table = render(results)
+    update_docs("peft_methods", table)
+    print(table)
+    return 0
+
+
+def render(r: dict) -> str:
+    m, b = r["meta"], r["base"]
+    lines = [
+        f"device: {m['device']} | torch {m['torch']} | {m['date']} | commit {m['commit']}",
+        f"base: the `make demo` model ({b['total_params'] / 1e6:.2f}M params); {r['steps']} steps x {r['batch']} "
+        f"examples (padded, same batches for every method); exact match on {r['eval_n']} held-out questions",
+        "",
+        "| method | lr | trainable params | % of model | peak memory (MB over the loaded model) | step time (ms) "
+        "| accuracy before | accuracy after | which play | who speaks |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, x in r["methods"].items():
+        lines.append(
+            f"| {name} | {x['lr']:g} | {x['trainable_params']:,} | {100 * x['trainable_params'] / b['total_params']:.2f}% "
+            f"| {x['peak_mem_mb']:.0f} | {x['step_ms']:.0f} | {b['accuracy']:.3f} | **{x['accuracy']:.3f}** "
+            f"| {x['by_kind'].get('play', float('nan')):.3f} | {x['by_kind'].get('speaker', float('nan')):.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""HF peft's adapter format (``adapter_config.json`` + ``adapter_model.safetensors``) <-> lmstack.peft.
+
+Pure conversions of a config dict and a tensor dict; the files are written and read by
+``lmstack.peft.save_adapter`` / ``load_adapter``. ``PeftModel.from_pretrained(hf_model, dir)``
+loads what ``to_peft`` describes onto the HF model exported by ``lmstack.to_hf`` and computes the
+same logits. The correspondences (peft 0.21 names):
+
+- LoRA: ``<module>.lora_A.weight`` (r, in) and ``.lora_B.weight`` (out, r), keys prefixed
+  ``base_model.model.`` + the HF module path; scale lora_alpha / r (or / sqrt(r), use_rslora).
+- IA3: ``<module>.ia3_l``, (out, 1) for output-scaled layers, (1, in) for ``feedforward_modules``.
+- Prompt tuning: ``prompt_embeddings`` (num_virtual_tokens, hidden_size).
+- Prefix tuning without projection (= P-tuning v2, or lmstack's folded prefix tuning):
+  ``prompt_embeddings`` (num_virtual_tokens, num_layers * 2 * n_kv_heads * head_dim), per layer
+  keys then values; ``token_dim`` = n_kv_heads * head_dim and ``num_attention_heads`` = n_kv_heads.
+
+Houlsby adapters have no peft counterpart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+
+PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING",
+              "ptuning_v2": "PREFIX_TUNING"}
+ROOT = "base_model.model."
+
+
+def _hf_path(name: str) -> str:
+    """lmstack module path -> HF ``LlamaForCausalLM`` module path."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def _lmstack_path(key: str) -> str:
+    key = key.removeprefix(ROOT)
+    return key.removeprefix("model.") if key.startswith("model.") else key
+
+
+def _matches(name: str, targets) -> bool:
+    targets = [targets] if isinstance(targets, str) else targets
+    return any(name == t or name.endswith("." + t) for t in targets or [])
+
+
+def to_peft(method: str, options: dict[str, Any], tensors: dict[str, torch.Tensor], cfg: ModelConfig
+            ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """lmstack method, options and adapter tensors (folded prefixes) -> peft config and tensors."""
+    if method not in PEFT_TYPES:
+        raise ValueError(f"PEFT method {method!r} has no HF peft equivalent; save it with format='lmstack'")
+    common = {"peft_type": PEFT_TYPES[method], "task_type": "CAUSAL_LM", "inference_mode": True,
+              "base_model_name_or_path": None, "revision": None, "modules_to_save": None}
+    if method == "lora":
+        config = {**common, "r": options["r"], "lora_alpha": options["alpha"], "lora_dropout": options["dropout"],
+                  "target_modules": options["target_modules"], "use_rslora": options["use_rslora"],
+                  "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False}
+        return config, {ROOT + _hf_path(k): v for k, v in tensors.items()}
+    if method == "ia3":
+        config = {**common, "target_modules": options["target_modules"],
+                  "feedforward_modules": options["feedforward_modules"], "fan_in_fan_out": False,
+                  "init_ia3_weights": True}
+        out = {}
+        for k, v in tensors.items():
+            module = k.removesuffix(".ia3_l")
+            ff = _matches(module, options["feedforward_modules"])
+            out[ROOT + _hf_path(k)] = v.reshape(1, -1) if ff else v.reshape(-1, 1)
+        return config, out
+    P = options["num_virtual_tokens"]
+    shape = {"num_virtual_tokens": P, "num_transformer_submodules": 1, "num_layers": cfg.n_layers}
+    if method == "prompt":
+        config = {**common, **shape, "token_dim": cfg.dim, "num_attention_heads": cfg.n_heads,
+                  "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None}
+        return config, {"prompt_embeddings": tensors["virtual_embeds.weight"]}
+    kv = cfg.n_kv_heads * cfg.head_dim
+    config = {**common, **shape, "token_dim": kv, "num_attention_heads": cfg.n_kv_heads,
+              "encoder_hidden_size": kv, "prefix_projection": False}  # saved prefixes are folded
+    return config, {"prompt_embeddings": tensors["prefix_encoder.table"]}
+
+
+def _refuse(config: dict[str, Any], supported: dict[str, Any]) -> None:
+    """Raise for an option set to something other than its supported value (or empty)."""
+    for key, ok in supported.items():
+        value = config.get(key)
+        if value not in (None, ok, {}, []):
+            raise ValueError(f"peft adapter option {key}={value!r} is not supported by lmstack.peft")
+
+
+def from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], cfg: ModelConfig
+              ) -> tuple[str, dict[str, Any], bool, dict[str, torch.Tensor]]:
+    """peft config and tensors -> (lmstack method, options, prefixes folded?, lmstack tensors)."""
+    kind = config.get("peft_type")
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise ValueError(f"peft task_type={config.get('task_type')!r} is not supported; only CAUSAL_LM")
+    if kind == "LORA":
+        _refuse(config, {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "rank_pattern": None,
+                         "alpha_pattern": None, "layers_to_transform": None, "modules_to_save": None,
+                         "lora_bias": False, "target_parameters": None})
+        targets = config["target_modules"]
+        if isinstance(targets, str) and targets != "all-linear":
+            raise ValueError(f"peft regex target_modules={targets!r} is not supported; list the module names")
+        options = {"r": config["r"], "alpha": config["lora_alpha"], "dropout": config.get("lora_dropout", 0.0),
+                   "target_modules": targets, "use_rslora": bool(config.get("use_rslora", False))}
+        return "lora", options, False, {_lmstack_path(k): v for k, v in tensors.items()}
+    if kind == "IA3":
+        _refuse(config, {"fan_in_fan_out": False, "modules_to_save": None})
+        options = {"target_modules": config["target_modules"],
+                   "feedforward_modules": config.get("feedforward_modules") or []}
+        return "ia3", options, False, {_lmstack_path(k): v.flatten() for k, v in tensors.items()}
+    if kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        if config.get("num_transformer_submodules", 1) != 1:
+            raise ValueError("peft prompt adapters for encoder-decoder models are not supported")
+        if set(tensors) != {"prompt_embeddings"}:
+            raise ValueError(f"peft {kind} adapter holds {sorted(tensors)}; expected only 'prompt_embeddings'")
+        P = config["num_virtual_tokens"]
+        table = tensors["prompt_embeddings"]
+        if kind == "PROMPT_TUNING":
+            return "prompt", {"num_virtual_tokens": P}, False, {"virtual_embeds.weight": table}
+        kv = cfg.n_kv_heads * cfg.head_dim
+        if config.get("num_layers", cfg.n_layers) != cfg.n_layers or config.get("token_dim", kv) != kv:
+            raise ValueError(
+                f"peft prefix adapter is for {config.get('num_layers')} layers of key width {config.get('token_dim')}; "
+                f"this model has {cfg.n_layers} layers of width n_kv_heads*head_dim={kv}"
+            )
+        if config.get("prefix_projection"):  # peft stores the projection's output: lmstack's folded prefix
+            hidden = config.get("encoder_hidden_size") or kv
+            return "prefix", {"num_virtual_tokens": P, "encoder_hidden_size": hidden}, True, {
+                "prefix_encoder.table": table}
+        return "ptuning_v2", {"num_virtual_tokens": P}, False, {"prefix_encoder.table": table}
+    raise ValueError(f"peft adapter type {kind!r} is not supported; supported: LORA, IA3, PROMPT_TUNING, PREFIX_TUNING")

@@ -1,0 +1,132 @@
+"""Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation")
+and P-tuning v2 (Liu et al. 2022, "P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning
+Universally Across Scales and Tasks").
+
+Every attention layer gets ``num_virtual_tokens`` learned key/value pairs placed before the keys
+and values of the sequence; every query attends to them, the model weights stay frozen. They act
+like a prompt that exists only inside attention, at every depth. The prefixes carry no RoPE
+rotation (they are learned post-rotation keys) and the real tokens' positions start after them, as
+in HF peft, where they enter as a pre-filled KV cache.
+
+Li & Liang found training the prefixes directly unstable and reparameterised them through an MLP:
+a (P, kv_dim) embedding -> Linear -> tanh -> Linear to n_layers * 2 * kv_dim ("prefix"). Once
+trained, the MLP is folded away: its output is all inference needs (``fold``; saving always stores
+the folded prefixes). P-tuning v2 trains the per-layer prefixes directly ("ptuning_v2").
+
+Layout of the flat prefix table (P, n_layers * 2 * kv_dim), as HF peft's ``prompt_embeddings``:
+columns [2l * kv_dim, (2l + 1) * kv_dim) hold layer l's keys, the next kv_dim its values, each
+ordered (kv head, head_dim).
+
+Trainable parameters (P = num_virtual_tokens, L = n_layers, kv = n_kv_heads * head_dim,
+h = encoder_hidden_size): ptuning_v2 P * L * 2 * kv; prefix P * kv + (kv * h + h) +
+(h * L * 2 * kv + L * 2 * kv).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .common import AdapterModule, Wrapper, like
+
+
+class PrefixEncoder(AdapterModule):
+    """All layers' prefixes: a flat table, or an embedding and MLP that compute it."""
+
+    def __init__(self, P: int, n_layers: int, n_kv_heads: int, head_dim: int, hidden: int | None, ref: torch.Tensor):
+        super().__init__()
+        self.P, self.n_layers, self.n_kv_heads, self.head_dim = P, n_layers, n_kv_heads, head_dim
+        kv = n_kv_heads * head_dim
+        # N(0, 1) init, as HF peft's (nn.Embedding's default)
+        if hidden is None:
+            self.table = nn.Parameter(torch.randn(P, n_layers * 2 * kv, **like(ref)))  # (P, L*2*kv)
+        else:
+            self.embedding = nn.Parameter(torch.randn(P, kv, **like(ref)))  # (P, kv)
+            self.mlp = nn.Sequential(
+                nn.Linear(kv, hidden, **like(ref)), nn.Tanh(), nn.Linear(hidden, n_layers * 2 * kv, **like(ref))
+            )
+
+    @property
+    def folded(self) -> bool:
+        return "table" in self._parameters
+
+    def layer_rows(self, layer: int) -> torch.Tensor:
+        """(P, 2 * kv): layer ``layer``'s slice of the table (through the MLP, only its rows of the
+        last linear map)."""
+        w = 2 * self.n_kv_heads * self.head_dim
+        if self.folded:
+            return self.table[:, layer * w : (layer + 1) * w]
+        first, _, last = self.mlp
+        rows = slice(layer * w, (layer + 1) * w)
+        return nn.functional.linear(torch.tanh(first(self.embedding)), last.weight[rows], last.bias[rows])
+
+    def full_table(self) -> torch.Tensor:
+        """(P, L * 2 * kv): every layer's prefixes, bit-identical to what ``layer_rows`` gives."""
+        if self.folded:
+            return self.table
+        return torch.cat([self.layer_rows(i) for i in range(self.n_layers)], dim=1)
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s prefix keys and values, each (n_kv_heads, P, head_dim)."""
+        t = self.layer_rows(layer).view(self.P, 2, self.n_kv_heads, self.head_dim)
+        k, v = t.permute(1, 2, 0, 3)  # 2 x (Hkv, P, D)
+        return k, v
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replace the embedding + MLP by the table they compute (inference needs nothing else)."""
+        if not self.folded:
+            table = self.full_table().detach().clone()
+            del self.embedding, self.mlp
+            self.table = nn.Parameter(table)
+
+
+class PrefixAttention(Wrapper):
+    """The layer's attention with the prefix keys/values in front of the sequence's."""
+
+    def __init__(self, base_layer: nn.Module, encoder: PrefixEncoder, layer_idx: int):
+        super().__init__(base_layer)
+        self.layer_idx = layer_idx
+        # The encoder is registered once, on the model; here it is only referenced (no duplicate
+        # parameters in state dicts or optimizers).
+        self.__dict__["encoder"] = encoder
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        q, k, v = self.base_layer.project(x, ctx)  # q (B, Hq, T, D), k/v (B, Hkv, T, D)
+        if ctx.virtual:  # the sequence starts in this call: its keys begin with the prefix
+            B = k.shape[0]
+            pk, pv = self.encoder.layer_kv(self.layer_idx)  # (Hkv, P, D)
+            k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)  # (B, Hkv, P + T, D)
+            v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        return self.base_layer.attend(q, k, v, ctx)
+
+
+def apply_prefix_like(model: nn.Module, num_virtual_tokens: int, hidden: int | None) -> None:
+    cfg = model.config
+    if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
+        raise ValueError(f"num_virtual_tokens={num_virtual_tokens!r} must be an integer >= 1")
+    for i, layer in enumerate(model.layers):
+        if not (hasattr(layer.self_attn, "project") and hasattr(layer.self_attn, "attend")):
+            raise ValueError(f"layers.{i}.self_attn ({type(layer.self_attn).__name__}) has no project/attend "
+                             "steps; prefix tuning supports lmstack.model.Attention only")
+    enc = PrefixEncoder(num_virtual_tokens, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, hidden,
+                        model.embed_tokens.weight)
+    model.prefix_encoder = enc
+    for i, layer in enumerate(model.layers):
+        layer.self_attn = PrefixAttention(layer.self_attn, enc, i)
+    model.virtual_tokens = num_virtual_tokens
+
+
+def apply_prefix(model: nn.Module, *, num_virtual_tokens: int = 20, encoder_hidden_size: int | None = None) -> None:
+    """Prefix tuning with the MLP reparameterisation; ``encoder_hidden_size`` defaults to
+    n_kv_heads * head_dim (HF peft's default)."""
+    cfg = model.config
+    hidden = cfg.n_kv_heads * cfg.head_dim if encoder_hidden_size is None else encoder_hidden_size
+    if not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"encoder_hidden_size={encoder_hidden_size!r} must be an integer >= 1")
+    apply_prefix_like(model, num_virtual_tokens, hidden)
+
+
+def apply_ptuning_v2(model: nn.Module, *, num_virtual_tokens: int = 20) -> None:
+    """P-tuning v2: the per-layer prefixes themselves are the parameters."""
+    apply_prefix_like(model, num_virtual_tokens, None)

@@ -1,0 +1,69 @@
+"""Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning").
+
+The only trainable weights are ``num_virtual_tokens`` embedding vectors, a "soft prompt" put in
+front of every input sequence; every model weight stays frozen. Initialising the soft prompt from
+the embeddings of real vocabulary tokens (e.g. a task description) trains faster and more stably
+than random init. The virtual tokens occupy the first positions of every sequence: they go
+through every layer like tokens, sit in the KV cache, and are dropped from the logits (the model's
+``virtual_tokens`` / ``virtual_embeds`` extension point does that).
+
+Trainable parameters: num_virtual_tokens * dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .common import AdapterModule, like
+
+
+class SoftPrompt(AdapterModule):
+    def __init__(self, num_virtual_tokens: int, dim: int, ref: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_virtual_tokens, dim, **like(ref)))
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.weight.unsqueeze(0).expand(batch_size, -1, -1)  # (B, P, dim)
+
+
+def init_ids(num_virtual_tokens: int, ids: list[int]) -> list[int]:
+    """Token ids repeated/truncated to ``num_virtual_tokens`` (the text initialisation of peft)."""
+    if not ids:
+        raise ValueError("prompt initialisation text/ids are empty; pass at least one token")
+    reps = -(-num_virtual_tokens // len(ids))
+    return (ids * reps)[:num_virtual_tokens]
+
+
+def apply_prompt(
+    model: nn.Module,
+    *,
+    num_virtual_tokens: int = 20,
+    init_token_ids=None,
+    init_text: str | None = None,
+    tokenizer=None,
+) -> None:
+    """Give the model a soft prompt of ``num_virtual_tokens`` vectors: copies of the embeddings of
+    ``init_token_ids`` (or of ``tokenizer.encode(init_text)``), repeated to length, else random
+    rows of the embedding matrix' scale (N(0, std of the embeddings))."""
+    if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
+        raise ValueError(f"num_virtual_tokens={num_virtual_tokens!r} must be an integer >= 1")
+    emb = model.embed_tokens.weight  # (vocab, dim)
+    if init_text is not None:
+        if init_token_ids is not None:
+            raise ValueError("pass init_text or init_token_ids, not both")
+        if tokenizer is None:
+            raise ValueError("init_text needs tokenizer= (an lmstack.Tokenizer) to turn it into token ids")
+        init_token_ids = tokenizer.encode(init_text)
+    prompt = SoftPrompt(num_virtual_tokens, emb.shape[1], emb)
+    with torch.no_grad():
+        if init_token_ids is not None:
+            ids = init_ids(num_virtual_tokens, [int(i) for i in init_token_ids])
+            bad = [i for i in ids if not 0 <= i < emb.shape[0]]
+            if bad:
+                raise ValueError(f"init token ids {bad[:5]} are outside the vocabulary (size {emb.shape[0]})")
+            prompt.weight.copy_(emb[torch.tensor(ids, device=emb.device)])
+        else:
+            prompt.weight.normal_(0.0, float(emb.float().std()))
+    model.virtual_embeds = prompt
+    model.virtual_tokens = num_virtual_tokens

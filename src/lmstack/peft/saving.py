@@ -1,0 +1,127 @@
+"""Adapter files: only the adapter's tensors and the recipe to rebuild it, in two formats.
+
+- ``format="lmstack"``: ``adapter.json`` ({"method", "options", "folded"}) + ``adapter.safetensors``
+  keyed like ``lmstack.peft.adapter_state_dict``. Every method.
+- ``format="peft"``: HF peft's ``adapter_config.json`` + ``adapter_model.safetensors``
+  (``lmstack.interop.peft_format``): LoRA, IA3, prompt tuning, prefix tuning / P-tuning v2.
+
+Prefix tuning is always saved folded (the prefixes its MLP computes; the model itself is left
+as it is, so training can go on). Each file is written atomically (temporary file, then rename),
+weights first and the config last, so a directory with a config holds complete weights; the
+directory may hold other files (a training checkpoint), which are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..interop.peft_format import from_peft, to_peft
+from ..io import atomic_write_bytes, atomic_write_json, open_safetensors, read_tensor
+
+CONFIG, WEIGHTS = "adapter.json", "adapter.safetensors"
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+FORMATS = ("lmstack", "peft")
+
+
+def _saved_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+    from . import adapter_state_dict
+
+    if model.peft_config["method"] == "prefix":
+        return {"prefix_encoder.table": model.prefix_encoder.full_table()}, True
+    return adapter_state_dict(model), False
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], config: dict, config_name: str, weights_name: str) -> None:
+    from safetensors.torch import save
+
+    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+    atomic_write_bytes(path / weights_name, data)
+    atomic_write_json(path / config_name, config)
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, format: str = "lmstack") -> Path:
+    """Write the model's adapter (not the base weights) to ``out_dir`` in ``format``; returns the dir."""
+    from . import _require
+
+    method = _require(model)
+    if format not in FORMATS:
+        raise ValueError(f"unknown adapter format {format!r}; valid: {FORMATS}")
+    if any(getattr(m, "merged", False) for m in model.modules()):
+        raise ValueError("the adapter is merged into the base weights; unmerge(model) before saving it")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    options = model.peft_config["options"]
+    with torch.no_grad():
+        tensors, folded = _saved_tensors(model)
+        if format == "lmstack":
+            _write(out, tensors, {"method": method, "options": options, "folded": folded}, CONFIG, WEIGHTS)
+        else:
+            config, peft_tensors = to_peft(method, options, tensors, model.config)
+            _write(out, peft_tensors, config, PEFT_CONFIG, PEFT_WEIGHTS)
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-save the adapter") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    handle = open_safetensors(path)
+    return {k: read_tensor(handle, k, path) for k in handle.keys()}
+
+
+def read_adapter(path: str | Path, model_config) -> tuple[str, dict, bool, dict[str, torch.Tensor]]:
+    """(method, options, folded, tensors) from an adapter directory of either format."""
+    path = Path(path)
+    if (path / CONFIG).is_file():
+        cfg = _read_json(path / CONFIG)
+        if cfg.get("method") is None or not isinstance(cfg.get("options"), dict):
+            raise ValueError(f"{path / CONFIG} lacks 'method' and 'options'; re-save the adapter")
+        return cfg["method"], cfg["options"], bool(cfg.get("folded", False)), _read_tensors(path / WEIGHTS)
+    if (path / PEFT_CONFIG).is_file():
+        return from_peft(_read_json(path / PEFT_CONFIG), _read_tensors(path / PEFT_WEIGHTS), model_config)
+    raise FileNotFoundError(f"{path} holds no adapter: neither {CONFIG} (lmstack) nor {PEFT_CONFIG} (HF peft)")
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Load an adapter saved by ``save_adapter`` (either format, or by HF peft) into ``model``.
+
+    A plain model gets the method applied first; a model that already has the same method and
+    options just takes the weights. Returns the model.
+    """
+    from . import INIT_ONLY, adapter_state_dict, apply, fold, method_of, options_of
+
+    method, options, folded, tensors = read_adapter(adapter_dir, model.config)
+    options = {k: v for k, v in options_of(method, options).items() if k not in INIT_ONLY}
+    if method_of(model) is None:
+        apply(model, method, **options)
+    elif model.peft_config != {"method": method, "options": options}:
+        raise ValueError(
+            f"{adapter_dir} holds a {method!r} adapter with options {options}; the model already has "
+            f"{model.peft_config}; load it into a plain model"
+        )
+    if any(getattr(m, "merged", False) for m in model.modules()):
+        raise ValueError("the model's adapter is merged; unmerge(model) before loading adapter weights")
+    if folded:
+        fold(model)
+    expected = adapter_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{adapter_dir}: adapter tensors do not fit the model: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for name, p in expected.items():
+            t = tensors[name]
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"{adapter_dir}: {name!r} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}"
+                )
+            p.copy_(t)
+    return model

@@ -1,0 +1,114 @@
+"""Task accuracy: greedy answers to held-out instruction prompts, scored by exact match.
+
+Each prompt is tokenized exactly as in fine-tuning (``lmstack.data.instruct.encode_prompt``), the
+prompts are decoded greedily in batches (ragged prompts left-padded by ``lmstack.generate``; sorted
+by length so little is padding) until a stop id, and the decoded text is compared with the
+reference after ``normalize_answer``: surrounding whitespace and punctuation stripped, runs of
+whitespace made one space, case folded. Accuracy is reported overall and per question kind.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Sequence
+
+import torch
+
+from ..data.instruct import Example, encode_prompt, pad_id_of
+from ..data.tokenizer import Tokenizer
+
+_EDGE_PUNCT = " \t\n.,;:!?\"'`"
+
+
+def normalize_answer(text: str) -> str:
+    """'  The Tempest.\\n' -> 'the tempest': the form exact match compares."""
+    return re.sub(r"\s+", " ", text.strip(_EDGE_PUNCT)).casefold()
+
+
+def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequence[Example], *,
+                  template: str = "alpaca", batch_size: int = 32, max_new_tokens: int | None = None,
+                  progress: bool = False) -> dict[str, Any]:
+    """Greedy answers to ``examples`` and their exact-match accuracy.
+
+    ``max_new_tokens`` defaults to the longest reference answer's token count + 4 (enough for the
+    answer and its stop token, so a model that rambles is cut short and scored wrong). Prompts too
+    long for the context keep their last tokens (with a warning). Returns ``accuracy``, ``correct``,
+    ``total``, ``by_kind`` ({kind: {accuracy, correct, total}}; examples without a kind count as
+    "other") and ``predictions`` (kind, answer, prediction, correct for each example, in order).
+    """
+    from ..generate import generate
+
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tokenizer.encode(ex.answer)) for ex in examples) + 4
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    room = model.config.max_seq_len - getattr(model, "virtual_tokens", 0) - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+                         f"of {model.config.max_seq_len} tokens")
+    prompts = [encode_prompt(ex, tokenizer, template) for ex in examples]
+    cut = sum(len(p) > room for p in prompts)
+    if cut:
+        warnings.warn(f"{cut} of {len(prompts)} prompts are longer than the {room} tokens the context leaves after "
+                      f"max_new_tokens={max_new_tokens}; they keep their last {room} tokens", stacklevel=2)
+        prompts = [p[-room:] for p in prompts]
+    stop = tokenizer.stop_ids or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+    pad = pad_id_of(tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    texts: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    batches = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, unit="batch", desc="eval", dynamic_ncols=True)
+    try:
+        for start in batches:
+            idx = order[start : start + batch_size]
+            out = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0,
+                           eos_token_id=stop or None, pad_token_id=pad)
+            T = max(len(prompts[i]) for i in idx)  # left-padded prompt width: new tokens start here
+            for row, i in enumerate(idx):
+                texts[i] = tokenizer.decode(_until_stop(out.sequences[row, T:].tolist(), stop))
+    finally:
+        model.train(was_training)
+    return score(examples, texts)
+
+
+def _until_stop(ids: list[int], stop: list[int]) -> list[int]:
+    for j, t in enumerate(ids):
+        if t in stop:
+            return ids[:j]
+    return ids
+
+
+def score(examples: Sequence[Example], predictions: Sequence[str]) -> dict[str, Any]:
+    """Exact-match accuracy of ``predictions`` (decoded answers) against the examples' references."""
+    if len(examples) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    rows, by_kind = [], {}
+    for ex, pred in zip(examples, predictions):
+        ok = normalize_answer(pred) == normalize_answer(ex.answer)
+        kind = ex.kind or "other"
+        rows.append({"kind": kind, "answer": ex.answer, "prediction": pred, "correct": ok})
+        k = by_kind.setdefault(kind, {"correct": 0, "total": 0})
+        k["correct"] += ok
+        k["total"] += 1
+    for k in by_kind.values():
+        k["accuracy"] = k["correct"] / k["total"]
+    correct = sum(r["correct"] for r in rows)
+    return {"accuracy": correct / len(rows), "correct": correct, "total": len(rows),
+            "by_kind": dict(sorted(by_kind.items())), "predictions": rows}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A small text table: one row per kind, then the overall accuracy."""
+    lines = [f"{'kind':<12} {'correct':>8} {'total':>6} {'accuracy':>9}"]
+    for kind, k in result["by_kind"].items():
+        lines.append(f"{kind:<12} {k['correct']:>8} {k['total']:>6} {k['accuracy']:>9.1%}")
+    lines.append(f"{'all':<12} {result['correct']:>8} {result['total']:>6} {result['accuracy']:>9.1%}")
+    return "\n".join(lines)
