@@ -127,10 +127,11 @@ def test_ctrl_c_saves_and_exits_cleanly(train_cfg, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(t, "_optimizer_step", step_then_interrupt)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup
     t.train()
     assert t.step == 7
     assert (tmp_path / "run" / "checkpoint").resolve().name == "step_000007"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the trainer put the caller's handler back
 
 
 def test_lr_schedule(train_cfg):
