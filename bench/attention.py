@@ -20,7 +20,6 @@ Needs CUDA: without it, prints a message and exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -33,7 +32,7 @@ import lmstack
 from lmstack.kernels import Seqs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, meta, update_docs  # noqa: E402
+from common import publish, meta  # noqa: E402
 
 # (batch, heads, seq_len, head_dim, causal)
 GRID = [
@@ -235,12 +234,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
     args = ap.parse_args()
     results = {"kernels": kernel_bench(), "training": training_bench(args.layers, args.steps), "meta": meta()}
-    out = ROOT / "bench" / "results" / "attention.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    table = render(results)
-    update_docs("attention", table)
-    print(table)
+    publish("attention", results, render(results))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -31,6 +32,17 @@ def meta() -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu} ({torch.get_num_threads()} threads)"
     return {"date": datetime.date.today().isoformat(), "commit": commit, "device": device,
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def publish(name: str, results: dict, table: str, *, docs: bool = True) -> None:
+    """Write bench/results/<name>.json, put ``table`` in docs/benchmarks.md's <name> section
+    (unless ``docs`` is False) and print it."""
+    out = ROOT / "bench" / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    if docs:
+        update_docs(name, table)
+    print(table)
 
 
 def update_docs(section: str, body: str) -> None:

@@ -30,7 +30,7 @@ from lmstack.data.packing import get_windows, sample_batch
 from lmstack.generate import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, hf_twin, meta, update_docs  # noqa: E402
+from common import ROOT, hf_twin, meta, publish  # noqa: E402
 
 
 def lm_loss(model, x, y):
@@ -145,11 +145,7 @@ def main() -> None:
     elif "race" in previous:  # keep the last race (its commit is noted in docs/benchmarks.md)
         results["race"] = previous["race"]
     results["meta"] = meta()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    table = render(results)
-    update_docs("cpu_vs_hf", table)
-    print(table)
+    publish("cpu_vs_hf", results, render(results))
 
 
 def measure_speed(cfg, data, B, T, args) -> dict:

@@ -21,7 +21,6 @@ Writes bench/results/decode_vs_hf[_<device>].json and a table in docs/benchmarks
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import lmstack
 from lmstack.generate import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, hf_twin, meta, update_docs  # noqa: E402
+from common import hf_twin, meta, publish  # noqa: E402
 
 WORKLOADS = {"greedy batch 1": (1, 1), "greedy batch 8": (8, 1), "beam search, 4 beams": (1, 4)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -116,13 +115,7 @@ def main() -> int:
         results["workloads"][wl] = row
 
     suffix = "" if device.type == "cpu" else f"_{device.type}"
-    out = ROOT / "bench" / "results" / f"decode_vs_hf{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    table = render(results)
-    if not args.no_docs:
-        update_docs(f"decode_vs_hf{suffix}", table)
-    print(table)
+    publish(f"decode_vs_hf{suffix}", results, render(results), docs=not args.no_docs)
     return 0
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, meta, update_docs  # noqa: E402
+from common import ROOT, meta, publish  # noqa: E402
 
 # method -> (learning rate, options for lmstack.peft.apply). Larger rates for the methods with
 # fewer, more constrained parameters, as their papers use.
@@ -129,12 +129,7 @@ def main() -> int:
         results["methods"][m] = r = child("--one", m)
         print(f"{m}: accuracy {r['accuracy']:.3f}, {r['trainable_params']:,} trainable, "
               f"{r['step_ms']:.0f} ms/step, peak +{r['peak_mem_mb']:.0f} MB", flush=True)
-    out = ROOT / "bench" / "results" / "peft_methods.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    table = render(results)
-    update_docs("peft_methods", table)
-    print(table)
+    publish("peft_methods", results, render(results))
     return 0
 
 

@@ -85,7 +85,6 @@ def test_prepare_finetune_eval_end_to_end(base_run, tmp_path, capsys):
 
 
 def test_peft_finetune_and_eval_with_adapter(base_run, tmp_path, capsys):
-    pytest.importorskip("lmstack.peft")
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"instruction": "Who?", "input": f"my lord {i}", "output": "LORD",
                                         "kind": "who"}) + "\n" for i in range(6)))

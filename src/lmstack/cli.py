@@ -344,6 +344,8 @@ def cmd_info(args) -> int:
 
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .train.finetune import METHODS as FINETUNE_METHODS
+
     p = argparse.ArgumentParser(prog="lmstack", description="The LLM stack end to end: prepare, train, generate.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -374,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="instruction-tune a checkpoint (full or PEFT)",
                         epilog=_finetune_options_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    ft.add_argument("--method", choices=["full", "lora", "adapter", "prefix", "ptuning_v2", "prompt", "ia3"],
+    ft.add_argument("--method", choices=list(FINETUNE_METHODS),
                     help="what to train (default: the recipe's, else lora)")
     ft.add_argument("--base", help="base checkpoint folder or run directory")
     ft.add_argument("--data", help="task directory or name (train.jsonl, test.jsonl) or a .json/.jsonl file")

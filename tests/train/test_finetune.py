@@ -10,15 +10,11 @@ import torch
 
 import lmstack
 from lmstack.data.instruct import InstructError, encode_prompt, load_split
-from lmstack.train import (FinetuneConfig, Finetuner, Trainer, evaluate_task, load_checkpoint, load_model,
+from lmstack.train import (Finetuner, Trainer, evaluate_task, load_checkpoint, load_model,
                            normalize_answer)
 from lmstack.train.checkpoint import resolve_checkpoint
 
-try:
-    import lmstack.peft as peft
-except ImportError:  # written alongside; the PEFT tests run once it exists
-    peft = None
-needs_peft = pytest.mark.skipif(peft is None, reason="lmstack.peft is not importable")
+import lmstack.peft as peft
 
 PEFT_OPTIONS = {
     "lora": dict(r=4, alpha=8, target_modules="all-linear"),
@@ -133,7 +129,6 @@ def test_config_errors(ft_cfg, task_dir, tmp_path):
 
 
 # -- PEFT methods ------------------------------------------------------------------------------
-@needs_peft
 @pytest.mark.parametrize("method", list(PEFT_OPTIONS))
 def test_peft_finetune_trains_only_the_adapter_and_saves_it(ft_cfg, base_ckpt, tmp_path, method):
     t = Finetuner(ft_cfg(method=method, method_options=PEFT_OPTIONS[method], max_steps=6, lr=1e-2), progress=False)
@@ -158,7 +153,6 @@ def test_peft_finetune_trains_only_the_adapter_and_saves_it(ft_cfg, base_ckpt, t
         resolve_checkpoint(tmp_path / "ft")
 
 
-@needs_peft
 @pytest.mark.parametrize("method", ["lora", "prefix"])  # prefix: its adapter is saved folded
 def test_peft_exact_resume(ft_cfg, tmp_path, method):
     kw = dict(method=method, method_options=PEFT_OPTIONS[method], max_steps=8, save_every=4)

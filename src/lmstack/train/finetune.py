@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import peft
 from ..config import dataclass_from_dict
 from ..data.instruct import (TEMPLATES, TokenizedExample, encode_examples, first_fit, has_split, load_split,
                              pack_batch, pad_batch, pad_id_of)
@@ -40,7 +41,7 @@ from .checkpoint import (is_adapter_checkpoint, load_model, read_config, resolve
 from .objectives import IGNORE_INDEX, causal_lm_loss
 from .trainer import Trainer, TrainConfig
 
-METHODS = ("full", "lora", "adapter", "prefix", "ptuning_v2", "prompt", "ia3")
+METHODS = ("full", *peft.METHODS)
 VIRTUAL_TOKEN_METHODS = ("prefix", "ptuning_v2", "prompt")  # extra leading positions: no packing
 TRAINABLE_FILE = "trainable.safetensors"
 _PRETRAINING_ONLY = {"model": "tiny", "model_overrides": {}, "doc_mask": False}  # the base decides these
@@ -141,14 +142,6 @@ class InstructBatches:
         return x, y, None, n_tokens
 
 
-def _peft():
-    try:
-        from .. import peft
-    except ImportError as e:
-        raise NotImplementedError(f"PEFT methods need lmstack.peft, which is not available ({e}); use method=full") from None
-    return peft
-
-
 class Finetuner(Trainer):
     """The training loop on instruction data, from a base checkpoint; see the module docstring."""
 
@@ -199,7 +192,7 @@ class Finetuner(Trainer):
         options = dict(cfg.method_options)
         if cfg.method == "prompt" and "init_text" in options:
             options["tokenizer"] = self.tokenizer
-        _peft().apply(model, cfg.method, **options)
+        peft.apply(model, cfg.method, **options)
         virtual = getattr(model, "virtual_tokens", 0)
         if cfg.seq_len + virtual > model.config.max_seq_len:
             raise ValueError(f"seq_len={cfg.seq_len} + {virtual} virtual tokens of method={cfg.method} exceed the base "
@@ -263,7 +256,7 @@ class Finetuner(Trainer):
             if cfg.method == "full":
                 save_model_dir(self.model, folder)
             else:
-                _peft().save_adapter(self.model, folder / "adapter")
+                peft.save_adapter(self.model, folder / "adapter")
                 write_finetune_info(folder, method=cfg.method, options=cfg.method_options, base=self.base_ckpt)
                 trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
                 save_safetensors(trained, folder / TRAINABLE_FILE, metadata={"format": "pt"})
