@@ -34,13 +34,16 @@ from common import ROOT, meta, publish  # noqa: E402
 
 # method -> (learning rate, options for lmstack.peft.apply). Larger rates for the methods with
 # fewer, more constrained parameters, as their papers use (LoRA at 3e-2 diverges on this model).
+# Prompt, prefix and P-tuning v2 start from this text (lmstack.peft: the soft prompt from its token
+# embeddings, the prefixes from the keys/values the base model computes for it), not from noise.
+INIT_TEXT = "Which play is this passage from? Who speaks these lines?"
 METHODS: dict[str, tuple[float, dict]] = {
     "full": (1e-3, {}),
     "lora": (1e-2, {"r": 16, "alpha": 32, "target_modules": "all-linear"}),
     "adapter": (5e-3, {"bottleneck": 32}),
-    "prefix": (1e-2, {"num_virtual_tokens": 16}),
-    "ptuning_v2": (1e-2, {"num_virtual_tokens": 16}),
-    "prompt": (1e-2, {"num_virtual_tokens": 16, "init_text": "Which play is this passage from? Who speaks these lines?"}),
+    "prefix": (1e-2, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
+    "ptuning_v2": (1e-2, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
+    "prompt": (3e-2, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
     "ia3": (3e-2, {}),
 }
 BUDGET = ("epochs", "batch", "seq_len", "eval_n", "template")  # what must match for --keep
@@ -85,6 +88,7 @@ def run_one(args) -> dict:
     acc = evaluate_task(ft.model, ft.tokenizer, examples, template=args.template)
     return {
         "method": args.one, "lr": lr, "options": {k: v for k, v in options.items() if k != "init_text"},
+        "init_from_text": "init_text" in options,
         "packed": cfg.packing, "steps": ft.step, "train_s": train_s,
         "trainable_params": ft.model.num_params(trainable_only=True), "total_params": ft.model.num_params(),
         "peak_mem_mb": peak, "step_ms": 1e3 * statistics.median(times) if times else float("nan"),
@@ -154,6 +158,7 @@ def main() -> int:
         print(f"{m}: accuracy {r['accuracy']:.3f}, {r['trainable_params']:,} trainable, "
               f"{r['step_ms']:.0f} ms/step, peak +{r['peak_mem_mb']:.0f} MB", flush=True)
     publish("peft_methods", results, render(results))
+    print(f"plot: {plot(results, ROOT / 'docs' / 'img' / 'peft_methods.png')}")
     return 0
 
 
@@ -172,11 +177,40 @@ def render(r: dict) -> str:
     ]
     for name, x in r["methods"].items():
         lines.append(
-            f"| {name} | {x['lr']:g} | {'packed' if x['packed'] else 'padded'} | {x['trainable_params']:,} "
+            f"| {name}{' (init from text)' if x.get('init_from_text') else ''} | {x['lr']:g} "
+            f"| {'packed' if x['packed'] else 'padded'} | {x['trainable_params']:,} "
             f"| {100 * x['trainable_params'] / b['total_params']:.2f}% | {x['peak_mem_mb']:.0f} | {x['steps']} "
             f"| {x['step_ms']:.0f} | {x['train_s']:.0f} | {b['accuracy']:.1%} | **{x['accuracy']:.1%}** "
             f"| {x['by_kind'].get('play', float('nan')):.1%} | {x['by_kind'].get('speaker', float('nan')):.1%} |")
     return "\n".join(lines)
+
+
+def plot(r: dict, path: Path) -> Path:
+    """Bar chart: held-out accuracy per method (overall and per question kind), the base as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(r["methods"])
+    total = r["base"]["total_params"]
+    series = [("all", "accuracy", None), ("which play", "by_kind", "play"), ("who speaks", "by_kind", "speaker")]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.27
+    for i, (label, key, kind) in enumerate(series):
+        vals = [100 * (x[key] if kind is None else x[key].get(kind, 0.0)) for x in r["methods"].values()]
+        ax.bar([j + (i - 1) * width for j in range(len(names))], vals, width, label=label)
+    ax.axhline(100 * r["base"]["accuracy"], color="black", lw=1, ls="--", label="base model")
+    ax.set_xticks(range(len(names)),
+                  [f"{n}\n{100 * x['trainable_params'] / total:.2g}% trained" for n, x in r["methods"].items()])
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_title(f"{r['epochs']:g} epochs of the Shakespeare task, {r['base']['total_params'] / 1e6:.1f}M-parameter base")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

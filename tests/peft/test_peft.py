@@ -308,3 +308,27 @@ def test_prompt_init_from_vocabulary():
     assert "init_text" not in m2.peft_config["options"]
     with pytest.raises(ValueError, match="init_text needs tokenizer"):
         peft.apply(tiny(), "prompt", init_text="hi")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("method", ["prefix", "ptuning_v2"])
+def test_prefix_init_from_text_is_the_base_model_reading_the_text(seed, method):
+    """Initialised from text, the prefixes are the model's own keys/values for it: the adapted model
+    on x gives exactly the base model's logits on [text, x] at x's positions, with and without a cache."""
+    torch.manual_seed(seed)
+    base = tiny()
+    P = 5
+    text = torch.randint(0, V, (3,)).tolist()  # shorter than P: repeated to length, as prompt tuning's
+    m = peft.apply(copy.deepcopy(base), method, num_virtual_tokens=P, init_token_ids=text)
+    x = torch.randint(0, V, (2, 9))
+    ids = (text * 2)[:P]
+    want = logits(base, torch.cat([torch.tensor([ids] * 2), x], dim=1))[:, P:]
+    got = logits(m, x)
+    assert (got - want).abs().max() <= 1e-4
+    cache = m.setup_cache(2, 9)
+    stepped = torch.cat([logits(m, x[:, :4], cache=cache), logits(m, x[:, 4:], cache=cache)], dim=1)
+    assert (stepped - want).abs().max() <= 1e-4
+    assert m.prefix_encoder.folded == (method == "ptuning_v2")  # prefix: the MLP was solved, not folded
+    assert not {"init_token_ids", "init_text", "tokenizer"} & set(m.peft_config["options"])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        peft.apply(copy.deepcopy(base), method, num_virtual_tokens=P, init_token_ids=[V + 1])

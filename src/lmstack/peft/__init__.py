@@ -12,8 +12,10 @@ lora           B A low-rank updates on linear maps (lora)  r=8, alpha=16, dropou
 adapter        Houlsby bottleneck MLPs after sublayers     bottleneck=64, activation="gelu",
                (adapter)                                   target_modules=("self_attn", "mlp")
 prefix         per-layer key/value prefixes through an     num_virtual_tokens=20,
-               MLP reparameterisation (prefix)             encoder_hidden_size=n_kv_heads*head_dim
-ptuning_v2     per-layer key/value prefixes (prefix)       num_virtual_tokens=20
+               MLP reparameterisation (prefix)             encoder_hidden_size=n_kv_heads*head_dim,
+                                                           init_token_ids | init_text + tokenizer
+ptuning_v2     per-layer key/value prefixes (prefix)       num_virtual_tokens=20, init_token_ids |
+                                                           init_text + tokenizer
 prompt         a soft prompt before the input (prompt)     num_virtual_tokens=20, init_token_ids |
                                                            init_text + tokenizer
 ia3            learned scales of k, v and the FFN          target_modules=("k_proj", "v_proj",

@@ -13,6 +13,13 @@ a (P, kv_dim) embedding -> Linear -> tanh -> Linear to n_layers * 2 * kv_dim ("p
 trained, the MLP is folded away: its output is all inference needs (``fold``; saving always stores
 the folded prefixes). P-tuning v2 trains the per-layer prefixes directly ("ptuning_v2").
 
+Initialisation: N(0, 1), as HF peft, or, with ``init_text`` (or ``init_token_ids``), the keys and
+values the frozen model itself computes for that text at positions 0..P-1 (Li & Liang's
+"initialise with the activations of real words", their best choice with little data). Then the
+adapted model starts out exactly as the base model reading the text before every input, instead of
+attending to random vectors; for "prefix" the MLP's last layer is solved (least squares, minimum
+norm) so that it outputs those keys and values.
+
 Layout of the flat prefix table (P, n_layers * 2 * kv_dim), as HF peft's ``prompt_embeddings``:
 columns [2l * kv_dim, (2l + 1) * kv_dim) hold layer l's keys, the next kv_dim its values, each
 ordered (kv head, head_dim).
@@ -28,6 +35,7 @@ import torch
 from torch import nn
 
 from .common import AdapterModule, Wrapper, like
+from .prompt import init_ids, token_ids_of
 
 
 class PrefixEncoder(AdapterModule):
@@ -45,6 +53,21 @@ class PrefixEncoder(AdapterModule):
             self.mlp = nn.Sequential(
                 nn.Linear(kv, hidden, **like(ref)), nn.Tanh(), nn.Linear(hidden, n_layers * 2 * kv, **like(ref))
             )
+
+    @torch.no_grad()
+    def init_from(self, table: torch.Tensor) -> None:
+        """Make the encoder output ``table`` (P, L * 2 * kv): copied when folded; otherwise the last
+        linear map is the minimum-norm least-squares solution of tanh(first(embedding)) -> table,
+        exact when P <= hidden + 1 (the default, P <= kv)."""
+        if self.folded:
+            self.table.copy_(table)
+            return
+        first, _, last = self.mlp
+        h = torch.tanh(first(self.embedding)).double()  # (P, hidden)
+        h1 = torch.cat([h, torch.ones_like(h[:, :1])], dim=1)  # a column for the bias
+        sol = torch.linalg.pinv(h1) @ table.double()  # (hidden + 1, L * 2 * kv)
+        last.weight.copy_(sol[:-1].t())
+        last.bias.copy_(sol[-1])
 
     @property
     def folded(self) -> bool:
@@ -101,7 +124,27 @@ class PrefixAttention(Wrapper):
         return self.base_layer.attend(q, k, v, ctx)
 
 
-def apply_prefix_like(model: nn.Module, num_virtual_tokens: int, hidden: int | None) -> None:
+@torch.no_grad()
+def text_kv_table(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    """The keys and values ``model`` computes for the token ids ``ids`` at positions 0..len-1, as a
+    prefix table (len, n_layers * 2 * kv): each row the layers' keys then values, (kv head, head_dim)."""
+    emb = model.embed_tokens.weight
+    bad = [i for i in ids if not 0 <= i < emb.shape[0]]
+    if bad:
+        raise ValueError(f"init token ids {bad[:5]} are outside the vocabulary (size {emb.shape[0]})")
+    was_training = model.training
+    cache = model.setup_cache(1, len(ids))
+    try:
+        model.eval()(torch.tensor([ids], device=emb.device), cache=cache, logits_to_keep=1)
+    finally:
+        model.train(was_training)
+    P = len(ids)
+    cols = [t[0, :, :P].transpose(0, 1).reshape(P, -1) for layer in zip(cache.k, cache.v) for t in layer]
+    return torch.cat(cols, dim=1)  # (P, L * 2 * kv): [k_0 | v_0 | k_1 | v_1 | ...]
+
+
+def apply_prefix_like(model: nn.Module, num_virtual_tokens: int, hidden: int | None, init_token_ids=None,
+                      init_text: str | None = None, tokenizer=None) -> None:
     cfg = model.config
     if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
         raise ValueError(f"num_virtual_tokens={num_virtual_tokens!r} must be an integer >= 1")
@@ -109,24 +152,31 @@ def apply_prefix_like(model: nn.Module, num_virtual_tokens: int, hidden: int | N
         if not (hasattr(layer.self_attn, "project") and hasattr(layer.self_attn, "attend")):
             raise ValueError(f"layers.{i}.self_attn ({type(layer.self_attn).__name__}) has no project/attend "
                              "steps; prefix tuning supports lmstack.model.Attention only")
+    init_token_ids = token_ids_of(init_token_ids, init_text, tokenizer)
     enc = PrefixEncoder(num_virtual_tokens, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, hidden,
                         model.embed_tokens.weight)
+    if init_token_ids is not None:  # before any attention is wrapped: the plain model's own keys/values
+        enc.init_from(text_kv_table(model, init_ids(num_virtual_tokens, init_token_ids)))
     model.prefix_encoder = enc
     for i, layer in enumerate(model.layers):
         layer.self_attn = PrefixAttention(layer.self_attn, enc, i)
     model.virtual_tokens = num_virtual_tokens
 
 
-def apply_prefix(model: nn.Module, *, num_virtual_tokens: int = 20, encoder_hidden_size: int | None = None) -> None:
+def apply_prefix(model: nn.Module, *, num_virtual_tokens: int = 20, encoder_hidden_size: int | None = None,
+                 init_token_ids=None, init_text: str | None = None, tokenizer=None) -> None:
     """Prefix tuning with the MLP reparameterisation; ``encoder_hidden_size`` defaults to
-    n_kv_heads * head_dim (HF peft's default)."""
+    n_kv_heads * head_dim (HF peft's default). ``init_text`` (with ``tokenizer``) or
+    ``init_token_ids``: start from the model's own keys/values for that text (module docstring)."""
     cfg = model.config
     hidden = cfg.n_kv_heads * cfg.head_dim if encoder_hidden_size is None else encoder_hidden_size
     if not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"encoder_hidden_size={encoder_hidden_size!r} must be an integer >= 1")
-    apply_prefix_like(model, num_virtual_tokens, hidden)
+    apply_prefix_like(model, num_virtual_tokens, hidden, init_token_ids, init_text, tokenizer)
 
 
-def apply_ptuning_v2(model: nn.Module, *, num_virtual_tokens: int = 20) -> None:
-    """P-tuning v2: the per-layer prefixes themselves are the parameters."""
-    apply_prefix_like(model, num_virtual_tokens, None)
+def apply_ptuning_v2(model: nn.Module, *, num_virtual_tokens: int = 20, init_token_ids=None,
+                     init_text: str | None = None, tokenizer=None) -> None:
+    """P-tuning v2: the per-layer prefixes themselves are the parameters; initialised as
+    ``apply_prefix``'s."""
+    apply_prefix_like(model, num_virtual_tokens, None, init_token_ids, init_text, tokenizer)
