@@ -88,7 +88,7 @@ def run_one(args) -> dict:
     acc = evaluate_task(ft.model, ft.tokenizer, examples, template=args.template)
     return {
         "method": args.one, "lr": lr, "options": {k: v for k, v in options.items() if k != "init_text"},
-        "init_from_text": "init_text" in options,
+        "init_from_text": "init_text" in options, "commit": meta()["commit"],
         "packed": cfg.packing, "steps": ft.step, "train_s": train_s,
         "trainable_params": ft.model.num_params(trainable_only=True), "total_params": ft.model.num_params(),
         "peak_mem_mb": peak, "step_ms": 1e3 * statistics.median(times) if times else float("nan"),
@@ -170,6 +170,9 @@ def render(r: dict) -> str:
         f"{b['n_train']:,} training questions, {r['batch']} rows of {r['seq_len']} tokens per step, \"{r['template']}\" template; "
         f"exact match on {r['eval_n']} held-out questions (before: {b['accuracy']:.1%}, "
         f"which play {b['by_kind'].get('play', 0):.1%}, who speaks {b['by_kind'].get('speaker', 0):.1%})",
+        *([f"rows measured at more than one commit (--keep): "
+           + ", ".join(f"{n} {x.get('commit', '?')}" for n, x in r["methods"].items())]
+          if len({x.get("commit") for x in r["methods"].values()}) > 1 else []),
         "",
         "| method | lr | rows | trainable params | % of model | peak memory (MB over the loaded model) "
         "| steps | step time (ms) | train time (s) | accuracy before | accuracy after | which play | who speaks |",
@@ -202,7 +205,7 @@ def plot(r: dict, path: Path) -> Path:
         ax.bar([j + (i - 1) * width for j in range(len(names))], vals, width, label=label)
     ax.axhline(100 * r["base"]["accuracy"], color="black", lw=1, ls="--", label="base model")
     ax.set_xticks(range(len(names)),
-                  [f"{n}\n{100 * x['trainable_params'] / total:.2g}% trained" for n, x in r["methods"].items()])
+                  [f"{n}\n{100 * x['trainable_params'] / total:.3g}% trained" for n, x in r["methods"].items()])
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title(f"{r['epochs']:g} epochs of the Shakespeare task, {r['base']['total_params'] / 1e6:.1f}M-parameter base")
     ax.legend()
