@@ -19,8 +19,8 @@ import lmstack.peft as peft
 PEFT_OPTIONS = {
     "lora": dict(r=4, alpha=8, target_modules="all-linear"),
     "adapter": dict(bottleneck=8),
-    "prefix": dict(num_virtual_tokens=3, encoder_hidden_size=16),
-    "ptuning_v2": dict(num_virtual_tokens=3),
+    "prefix": dict(num_virtual_tokens=3, encoder_hidden_size=16, init_text="Who speaks?"),  # the Finetuner
+    "ptuning_v2": dict(num_virtual_tokens=3, init_text="Which play?"),  # passes its tokenizer
     "prompt": dict(num_virtual_tokens=3),
     "ia3": dict(),
 }

@@ -129,9 +129,6 @@ def text_kv_table(model: nn.Module, ids: list[int]) -> torch.Tensor:
     """The keys and values ``model`` computes for the token ids ``ids`` at positions 0..len-1, as a
     prefix table (len, n_layers * 2 * kv): each row the layers' keys then values, (kv head, head_dim)."""
     emb = model.embed_tokens.weight
-    bad = [i for i in ids if not 0 <= i < emb.shape[0]]
-    if bad:
-        raise ValueError(f"init token ids {bad[:5]} are outside the vocabulary (size {emb.shape[0]})")
     was_training = model.training
     cache = model.setup_cache(1, len(ids))
     try:
@@ -152,7 +149,7 @@ def apply_prefix_like(model: nn.Module, num_virtual_tokens: int, hidden: int | N
         if not (hasattr(layer.self_attn, "project") and hasattr(layer.self_attn, "attend")):
             raise ValueError(f"layers.{i}.self_attn ({type(layer.self_attn).__name__}) has no project/attend "
                              "steps; prefix tuning supports lmstack.model.Attention only")
-    init_token_ids = token_ids_of(init_token_ids, init_text, tokenizer)
+    init_token_ids = token_ids_of(init_token_ids, init_text, tokenizer, model.embed_tokens.weight.shape[0])
     enc = PrefixEncoder(num_virtual_tokens, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, hidden,
                         model.embed_tokens.weight)
     if init_token_ids is not None:  # before any attention is wrapped: the plain model's own keys/values

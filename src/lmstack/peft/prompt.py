@@ -35,15 +35,22 @@ def init_ids(num_virtual_tokens: int, ids: list[int]) -> list[int]:
     return (ids * reps)[:num_virtual_tokens]
 
 
-def token_ids_of(init_token_ids, init_text: str | None, tokenizer) -> list[int] | None:
-    """The initialisation ids from ``init_token_ids`` or ``tokenizer.encode(init_text)`` (None: neither)."""
+def token_ids_of(init_token_ids, init_text: str | None, tokenizer, vocab_size: int) -> list[int] | None:
+    """The initialisation ids from ``init_token_ids`` or ``tokenizer.encode(init_text)``, checked
+    against the vocabulary (None: neither was given)."""
     if init_text is not None:
         if init_token_ids is not None:
             raise ValueError("pass init_text or init_token_ids, not both")
         if tokenizer is None:
             raise ValueError("init_text needs tokenizer= (an lmstack.Tokenizer) to turn it into token ids")
         init_token_ids = tokenizer.encode(init_text)
-    return None if init_token_ids is None else [int(i) for i in init_token_ids]
+    if init_token_ids is None:
+        return None
+    ids = [int(i) for i in init_token_ids]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"init token ids {bad[:5]} are outside the vocabulary (size {vocab_size})")
+    return ids
 
 
 def apply_prompt(
@@ -60,14 +67,11 @@ def apply_prompt(
     if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
         raise ValueError(f"num_virtual_tokens={num_virtual_tokens!r} must be an integer >= 1")
     emb = model.embed_tokens.weight  # (vocab, dim)
-    init_token_ids = token_ids_of(init_token_ids, init_text, tokenizer)
+    init_token_ids = token_ids_of(init_token_ids, init_text, tokenizer, emb.shape[0])
     prompt = SoftPrompt(num_virtual_tokens, emb.shape[1], emb)
     with torch.no_grad():
         if init_token_ids is not None:
             ids = init_ids(num_virtual_tokens, init_token_ids)
-            bad = [i for i in ids if not 0 <= i < emb.shape[0]]
-            if bad:
-                raise ValueError(f"init token ids {bad[:5]} are outside the vocabulary (size {emb.shape[0]})")
             prompt.weight.copy_(emb[torch.tensor(ids, device=emb.device)])
         else:
             prompt.weight.normal_(0.0, float(emb.float().std()))

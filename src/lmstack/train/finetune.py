@@ -190,7 +190,7 @@ class Finetuner(Trainer):
         if cfg.method == "full":
             return model.requires_grad_(True)
         options = dict(cfg.method_options)
-        if "init_text" in options:  # prompt, prefix, ptuning_v2
+        if "init_text" in options and cfg.method in VIRTUAL_TOKEN_METHODS:  # text-initialised
             options["tokenizer"] = self.tokenizer
         peft.apply(model, cfg.method, **options)
         virtual = getattr(model, "virtual_tokens", 0)
