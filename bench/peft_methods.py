@@ -42,7 +42,7 @@ METHODS: dict[str, tuple[float, dict]] = {
     "lora": (1e-2, {"r": 16, "alpha": 32, "target_modules": "all-linear"}),
     "adapter": (5e-3, {"bottleneck": 32}),
     "prefix": (1e-2, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
-    "ptuning_v2": (5e-2, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
+    "ptuning_v2": (1e-1, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
     "prompt": (3e-2, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
     "ia3": (3e-2, {}),
 }
