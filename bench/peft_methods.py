@@ -43,7 +43,7 @@ METHODS: dict[str, tuple[float, dict]] = {
     "adapter": (5e-3, {"bottleneck": 32}),
     "prefix": (1e-2, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
     "ptuning_v2": (1e-1, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
-    "prompt": (3e-2, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
+    "prompt": (3e-2, {"num_virtual_tokens": 64, "init_text": INIT_TEXT}),  # 16 tokens: 0%
     "ia3": (3e-2, {}),
 }
 BUDGET = ("epochs", "batch", "seq_len", "eval_n", "template")  # what must match for --keep
