@@ -343,6 +343,15 @@ def cmd_info(args) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------------
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options every training command takes: recipe, key=value overrides, resume, threads, quiet."""
+    p.add_argument("--recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe options")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the run's latest checkpoint")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train.finetune import METHODS as FINETUNE_METHODS
 
@@ -367,11 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a model from a recipe", epilog=_train_options_help(),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    tr.add_argument("--recipe", help="YAML recipe (see recipes/)")
-    tr.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe options")
-    tr.add_argument("--resume", action="store_true", help="continue exactly from out_dir's latest checkpoint")
-    tr.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
-    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_options(tr)
     tr.set_defaults(func=cmd_train)
 
     ft = sub.add_parser("finetune", help="instruction-tune a checkpoint (full or PEFT)",
@@ -381,11 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--base", help="base checkpoint folder or run directory")
     ft.add_argument("--data", help="task directory or name (train.jsonl, test.jsonl) or a .json/.jsonl file")
     ft.add_argument("--out", help="run directory to write (out_dir)")
-    ft.add_argument("--recipe", help="YAML recipe (see recipes/)")
-    ft.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe options")
-    ft.add_argument("--resume", action="store_true", help="continue exactly from the run's latest checkpoint")
-    ft.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
-    ft.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_options(ft)
     ft.set_defaults(func=cmd_finetune)
 
     ev = sub.add_parser("eval", help="exact-match accuracy of greedy answers on a held-out task split")
