@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from lmstack.io import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,7 +41,7 @@ def publish(name: str, results: dict, table: str, *, docs: bool = True) -> None:
     (unless ``docs`` is False) and print it."""
     out = ROOT / "bench" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     if docs:
         update_docs(name, table)
     print(table)
@@ -55,7 +57,7 @@ def update_docs(section: str, body: str) -> None:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + f"\n\n{block}\n"
-    path.write_text(text)
+    atomic_write_text(path, text)
 
 
 def hf_twin(model: lmstack.Transformer):

@@ -11,8 +11,11 @@ learning rate and options in METHODS, then answers the held-out questions greedi
 exact match. Each method runs in its own process so its peak memory is its own: peak RSS growth
 over the loaded base model and data (CPU) or peak allocated memory (CUDA).
 
-Writes bench/results/peft_methods.json and a table in docs/benchmarks.md. ``--methods a,b --keep``
-reruns only those methods and keeps the other rows of an earlier run with the same budget.
+Writes bench/results/peft_methods.json and a table in docs/benchmarks.md after every method.
+``--methods a,b --keep`` reruns only those methods and keeps the other rows of an earlier run with
+the same budget (so an interrupted run can be finished). Besides exact match, each row has the
+teacher-forced loss of the reference answers split by position (``lmstack.train.answer_loss``),
+which shows where a method that scores 0% fails.
 
     python bench/peft_methods.py --base runs/shakespeare-tiny [--epochs 2] [--batch 16]
 """
@@ -60,7 +63,7 @@ def run_one(args) -> dict:
     """Fine-tune with one method (in this process) and score it; prints one JSON line."""
     from lmstack.data.instruct import load_split
     from lmstack.train.finetune import FinetuneConfig, Finetuner
-    from lmstack.train.task_eval import evaluate_task
+    from lmstack.train.task_eval import answer_loss, evaluate_task
 
     torch.set_num_threads(args.threads)
     lr, options = METHODS[args.one]
@@ -86,6 +89,7 @@ def run_one(args) -> dict:
     times = [(b["elapsed"] - a["elapsed"]) / (b["step"] - a["step"]) for a, b in zip(steps[1:], steps[2:])]
     examples = load_split(args.data, "test")[: args.eval_n]
     acc = evaluate_task(ft.model, ft.tokenizer, examples, template=args.template)
+    nll = answer_loss(ft.model, ft.tokenizer, examples, template=args.template)
     return {
         "method": args.one, "lr": lr, "options": {k: v for k, v in options.items() if k != "init_text"},
         "init_from_text": "init_text" in options, "commit": meta()["commit"],
@@ -94,18 +98,21 @@ def run_one(args) -> dict:
         "peak_mem_mb": peak, "step_ms": 1e3 * statistics.median(times) if times else float("nan"),
         "final_loss": steps[-1]["loss"] if steps else float("nan"),
         "accuracy": acc["accuracy"], "by_kind": {k: v["accuracy"] for k, v in acc["by_kind"].items()},
+        "answer_loss": nll,
     }
 
 
 def base_accuracy(args) -> dict:
     from lmstack.data.instruct import load_split
     from lmstack.train import load_checkpoint
-    from lmstack.train.task_eval import evaluate_task
+    from lmstack.train.task_eval import answer_loss, evaluate_task
 
     torch.set_num_threads(args.threads)
     model, tok = load_checkpoint(args.base)
-    acc = evaluate_task(model, tok, load_split(args.data, "test")[: args.eval_n], template=args.template)
+    examples = load_split(args.data, "test")[: args.eval_n]
+    acc = evaluate_task(model, tok, examples, template=args.template)
     return {"accuracy": acc["accuracy"], "by_kind": {k: v["accuracy"] for k, v in acc["by_kind"].items()},
+            "answer_loss": answer_loss(model, tok, examples, template=args.template),
             "total_params": model.num_params(), "n_train": len(load_split(args.data, "train"))}
 
 
@@ -148,16 +155,18 @@ def main() -> int:
         if {k: prev.get(k) for k in BUDGET} != budget:
             raise SystemExit(f"--keep: {old} has another budget ({ {k: prev.get(k) for k in BUDGET} }); run all methods")
         results.update(base=prev["base"], methods=prev["methods"])
-    if results["base"] is None:
-        results["base"] = child("--base-only")
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}")
+    results["base"] = child("--base-only")  # a minute; always from this commit
     print(f"base: accuracy {results['base']['accuracy']:.3f}", flush=True)
-    for m in args.methods.split(","):
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
+    for m in methods:
         results["methods"][m] = r = child("--one", m)
         print(f"{m}: accuracy {r['accuracy']:.3f}, {r['trainable_params']:,} trainable, "
               f"{r['step_ms']:.0f} ms/step, peak +{r['peak_mem_mb']:.0f} MB", flush=True)
-    publish("peft_methods", results, render(results))
+        # after every method, so an interrupted run keeps what it finished (rerun the rest with --keep)
+        publish("peft_methods", results, render(results))
     print(f"plot: {plot(results, ROOT / 'docs' / 'img' / 'peft_methods.png')}")
     return 0
 
@@ -175,8 +184,9 @@ def render(r: dict) -> str:
           if len({x.get("commit") for x in r["methods"].values()}) > 1 else []),
         "",
         "| method | lr | rows | trainable params | % of model | peak memory (MB over the loaded model) "
-        "| steps | step time (ms) | train time (s) | accuracy before | accuracy after | which play | who speaks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| steps | step time (ms) | train time (s) | accuracy before | accuracy after | which play | who speaks "
+        "| answer loss: first / rest / end token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, x in r["methods"].items():
         lines.append(
@@ -184,8 +194,17 @@ def render(r: dict) -> str:
             f"| {'packed' if x['packed'] else 'padded'} | {x['trainable_params']:,} "
             f"| {100 * x['trainable_params'] / b['total_params']:.2f}% | {x['peak_mem_mb']:.0f} | {x['steps']} "
             f"| {x['step_ms']:.0f} | {x['train_s']:.0f} | {b['accuracy']:.1%} | **{x['accuracy']:.1%}** "
-            f"| {x['by_kind'].get('play', float('nan')):.1%} | {x['by_kind'].get('speaker', float('nan')):.1%} |")
+            f"| {x['by_kind'].get('play', float('nan')):.1%} | {x['by_kind'].get('speaker', float('nan')):.1%} "
+            f"| {_losses(x)} |")
+    lines += ["", f"Answer loss: teacher-forced loss of the held-out reference answers in nats per token "
+              f"(`lmstack.train.answer_loss`): the first answer token, the rest of the answer, and the end-of-text "
+              f"token that stops generation. Base model: {_losses(b)}."]
     return "\n".join(lines)
+
+
+def _losses(x: dict) -> str:
+    a = x.get("answer_loss")
+    return "—" if a is None else f"{a['first']:.2f} / {a['rest']:.2f} / {a['end']:.2f}"
 
 
 def plot(r: dict, path: Path) -> Path:

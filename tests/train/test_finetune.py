@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import lmstack
-from lmstack.data.instruct import InstructError, encode_prompt, load_split
-from lmstack.train import (Finetuner, Trainer, evaluate_task, load_checkpoint, load_model,
+from lmstack.data.instruct import InstructError, encode_example, encode_prompt, load_split
+from lmstack.train import (Finetuner, Trainer, answer_loss, evaluate_task, load_checkpoint, load_model,
                            normalize_answer)
 from lmstack.train.checkpoint import resolve_checkpoint
 
@@ -207,6 +207,32 @@ def test_evaluate_task_scores_controlled_answers(base_ckpt, task_dir, monkeypatc
         c, n = expect.get(ex.kind, (0, 0))
         expect[ex.kind] = (c + p["correct"], n + 1)
     assert kinds == expect and set(kinds) == {"k0", "k1"}
+
+
+@pytest.mark.parametrize("method", [None, "prompt"])
+def test_answer_loss_matches_a_per_example_float64_loop(base_ckpt, task_dir, method):
+    """Batched, padded scoring (with virtual tokens too) equals scoring each example alone in float64."""
+    model, tok = load_checkpoint(base_ckpt)
+    if method:
+        peft.apply(model, method, num_virtual_tokens=2)
+    examples = load_split(task_dir, "test")[:7]
+    model.train()
+    got = answer_loss(model, tok, examples, template="plain", batch_size=3)
+    assert model.training  # put back as it was
+    ref = {"all": [], "first": [], "rest": [], "end": []}
+    m64 = model.double().eval()
+    for ex in examples:
+        t = encode_example(ex, tok, "plain")
+        with torch.no_grad():
+            logp = torch.log_softmax(m64(torch.tensor([t.ids[:-1]]))[0], -1)
+        nll = [-float(logp[i, y]) for i, y in enumerate(t.labels[1:]) if y >= 0]
+        assert len(nll) >= 2  # the answer and EOS
+        ref["all"] += nll
+        ref["first"].append(nll[0])
+        ref["rest"] += nll[1:-1]
+        ref["end"].append(nll[-1])
+    for k, v in ref.items():
+        assert got[k] == pytest.approx(sum(v) / len(v), rel=1e-5, abs=1e-5), k
 
 
 def test_finetuned_model_answers_held_out_questions(ft_cfg, base_ckpt, task_dir, tmp_path):

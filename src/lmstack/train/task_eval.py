@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..data.instruct import Example, encode_prompt, pad_id_of
+from ..data.instruct import IGNORE_INDEX, Example, encode_example, encode_prompt, pad_batch, pad_id_of
 from ..data.tokenizer import Tokenizer
 
 _EDGE_PUNCT = " \t\n.,;:!?\"'`"
@@ -77,6 +77,51 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequen
     finally:
         model.train(was_training)
     return score(examples, texts)
+
+
+@torch.no_grad()
+def answer_loss(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequence[Example], *,
+                template: str = "alpaca", batch_size: int = 32) -> dict[str, float]:
+    """Teacher-forced loss of the reference answers, in nats per token, by where the token sits.
+
+    Each example is tokenized as in fine-tuning and its trained tokens (the reply and its stop
+    token) are scored given everything before them. Returns the mean over all of them (``all``),
+    over the first reply token of each example (``first``), the last one (``end``: the stop token
+    that lets generation finish), and the ones in between (``rest``; NaN if every reply is one
+    token). Exact match needs all three to be low; the split shows which part a method fails at.
+    """
+    if not examples:
+        raise ValueError("no examples to score")
+    items = [encode_example(ex, tokenizer, template) for ex in examples]
+    room = model.config.max_seq_len - getattr(model, "virtual_tokens", 0)
+    too_long = [i for i, t in enumerate(items) if t.n_inputs > room]
+    if too_long:
+        raise ValueError(f"{len(too_long)} examples (first: #{too_long[0]}) are longer than the {room} tokens the "
+                         f"model's context leaves; score shorter ones")
+    device = next(model.parameters()).device
+    parts: dict[str, list[torch.Tensor]] = {"all": [], "first": [], "rest": [], "end": []}
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(items), batch_size):
+            inputs, targets = pad_batch(items[start : start + batch_size], pad_id_of(tokenizer))
+            inputs, targets = inputs.to(device), targets.to(device)
+            logits = model(inputs).float()  # (B, T, V)
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                                    reduction="none")  # (B, T), 0 where untrained
+            trained = targets != IGNORE_INDEX
+            if not bool(trained.any(dim=1).all()):
+                raise ValueError("an example has no reply tokens to score")
+            pos = torch.arange(targets.shape[1], device=device).expand_as(targets)
+            first = torch.where(trained, pos, targets.shape[1]).min(dim=1, keepdim=True).values  # (B, 1)
+            last = torch.where(trained, pos, -1).max(dim=1, keepdim=True).values
+            parts["all"].append(nll[trained])
+            parts["first"].append(nll.gather(1, first).flatten())
+            parts["end"].append(nll.gather(1, last).flatten())
+            parts["rest"].append(nll[trained & (pos > first) & (pos < last)])
+    finally:
+        model.train(was_training)
+    return {k: float(torch.cat(v).mean()) if sum(t.numel() for t in v) else float("nan") for k, v in parts.items()}
 
 
 def _until_stop(ids: list[int], stop: list[int]) -> list[int]:
