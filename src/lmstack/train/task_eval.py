@@ -88,7 +88,8 @@ def answer_loss(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequence
     token) are scored given everything before them. Returns the mean over all of them (``all``),
     over the first reply token of each example (``first``), the last one (``end``: the stop token
     that lets generation finish), and the ones in between (``rest``; NaN if every reply is one
-    token). Exact match needs all three to be low; the split shows which part a method fails at.
+    token). For a chat with several replies, first and end are those of the whole conversation.
+    Exact match needs all three to be low; the split shows which part a method fails at.
     """
     if not examples:
         raise ValueError("no examples to score")
