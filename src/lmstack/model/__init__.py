@@ -2,6 +2,6 @@
 
 from .attention import Attention, AttnContext
 from .cache import KVCache
-from .transformer import Block, Transformer
+from .transformer import Block, Transformer, eval_mode
 
-__all__ = ["Attention", "AttnContext", "Block", "KVCache", "Transformer"]
+__all__ = ["Attention", "AttnContext", "Block", "KVCache", "Transformer", "eval_mode"]

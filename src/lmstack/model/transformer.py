@@ -22,6 +22,9 @@ Design, every choice in one place (all of them set by ``ModelConfig``):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -217,3 +220,14 @@ class Transformer(nn.Module):
             seen.add(id(p))
             n += p.numel()
         return n
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then back in the mode it was in (even on error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

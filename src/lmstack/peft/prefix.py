@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model import eval_mode
 from .common import AdapterModule, Wrapper, like
 from .prompt import init_ids, token_ids_of
 
@@ -129,12 +130,9 @@ def text_kv_table(model: nn.Module, ids: list[int]) -> torch.Tensor:
     """The keys and values ``model`` computes for the token ids ``ids`` at positions 0..len-1, as a
     prefix table (len, n_layers * 2 * kv): each row the layers' keys then values, (kv head, head_dim)."""
     emb = model.embed_tokens.weight
-    was_training = model.training
     cache = model.setup_cache(1, len(ids))
-    try:
-        model.eval()(torch.tensor([ids], device=emb.device), cache=cache, logits_to_keep=1)
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        model(torch.tensor([ids], device=emb.device), cache=cache, logits_to_keep=1)
     P = len(ids)
     cols = [t[0, :, :P].transpose(0, 1).reshape(P, -1) for layer in zip(cache.k, cache.v) for t in layer]
     return torch.cat(cols, dim=1)  # (P, L * 2 * kv): [k_0 | v_0 | k_1 | v_1 | ...]

@@ -17,6 +17,7 @@ import torch
 
 from ..data.instruct import IGNORE_INDEX, Example, encode_example, encode_prompt, pad_batch, pad_id_of
 from ..data.tokenizer import Tokenizer
+from ..model import eval_mode
 
 _EDGE_PUNCT = " \t\n.,;:!?\"'`"
 
@@ -59,14 +60,12 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequen
     pad = pad_id_of(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
     batches = range(0, len(order), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, unit="batch", desc="eval", dynamic_ncols=True)
-    try:
+    with eval_mode(model):
         for start in batches:
             idx = order[start : start + batch_size]
             out = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0,
@@ -74,8 +73,6 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequen
             T = max(len(prompts[i]) for i in idx)  # left-padded prompt width: new tokens start here
             for row, i in enumerate(idx):
                 texts[i] = tokenizer.decode(_until_stop(out.sequences[row, T:].tolist(), stop))
-    finally:
-        model.train(was_training)
     return score(examples, texts)
 
 
@@ -99,13 +96,11 @@ def answer_loss(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequence
     if too_long:
         raise ValueError(f"{len(too_long)} examples (first: #{too_long[0]}) are longer than the {room} tokens the "
                          f"model's context leaves; score shorter ones")
-    device = next(model.parameters()).device
+    device, pad = next(model.parameters()).device, pad_id_of(tokenizer)
     parts: dict[str, list[torch.Tensor]] = {"all": [], "first": [], "rest": [], "end": []}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(items), batch_size):
-            inputs, targets = pad_batch(items[start : start + batch_size], pad_id_of(tokenizer))
+            inputs, targets = pad_batch(items[start : start + batch_size], pad)
             inputs, targets = inputs.to(device), targets.to(device)
             logits = model(inputs).float()  # (B, T, V)
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
@@ -120,8 +115,6 @@ def answer_loss(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequence
             parts["first"].append(nll.gather(1, first).flatten())
             parts["end"].append(nll.gather(1, last).flatten())
             parts["rest"].append(nll[trained & (pos > first) & (pos < last)])
-    finally:
-        model.train(was_training)
     return {k: float(torch.cat(v).mean()) if sum(t.numel() for t in v) else float("nan") for k, v in parts.items()}
 
 
