@@ -105,6 +105,7 @@ def run_one(args) -> dict:
 def base_accuracy(args) -> dict:
     from lmstack.data.instruct import load_split
     from lmstack.train import load_checkpoint
+    from lmstack.train.checkpoint import resolve_checkpoint
     from lmstack.train.task_eval import answer_loss, evaluate_task
 
     torch.set_num_threads(args.threads)
@@ -113,7 +114,21 @@ def base_accuracy(args) -> dict:
     acc = evaluate_task(model, tok, examples, template=args.template)
     return {"accuracy": acc["accuracy"], "by_kind": {k: v["accuracy"] for k, v in acc["by_kind"].items()},
             "answer_loss": answer_loss(model, tok, examples, template=args.template),
-            "total_params": model.num_params(), "n_train": len(load_split(args.data, "train"))}
+            "total_params": model.num_params(), "n_train": len(load_split(args.data, "train")),
+            **pretraining(resolve_checkpoint(args.base))}
+
+
+def pretraining(ckpt: Path) -> dict:
+    """How the base was pretrained: its step and tokens (trainer_state.json) and, when its run's
+    metrics.jsonl is found (ckpt is run/checkpoints/step_N), the validation bits per byte at that step."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    out = {"pretrain_steps": state.get("step"), "pretrain_tokens": state.get("tokens_seen")}
+    for run in (ckpt.parent, ckpt.parent.parent):
+        if (run / "metrics.jsonl").is_file():
+            rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            out.update({"val_bpb": r["val_bpb"] for r in rows if "val_bpb" in r and r.get("step") == out["pretrain_steps"]})
+            break
+    return out
 
 
 def main() -> int:
@@ -175,7 +190,7 @@ def render(r: dict) -> str:
     m, b = r["meta"], r["base"]
     lines = [
         f"device: {m['device']} | torch {m['torch']} | {m['date']} | commit {m['commit']}",
-        f"base: the `make demo` model ({b['total_params'] / 1e6:.2f}M params); budget {r['epochs']:g} epochs of the "
+        f"base: the `make demo` recipe's model ({b['total_params'] / 1e6:.2f}M params{_pretrained(b)}); budget {r['epochs']:g} epochs of the "
         f"{b['n_train']:,} training questions, {r['batch']} rows of {r['seq_len']} tokens per step, \"{r['template']}\" template; "
         f"exact match on {r['eval_n']} held-out questions (before: {b['accuracy']:.1%}, "
         f"which play {b['by_kind'].get('play', 0):.1%}, who speaks {b['by_kind'].get('speaker', 0):.1%})",
@@ -200,6 +215,13 @@ def render(r: dict) -> str:
               f"(`lmstack.train.answer_loss`): the first answer token, the rest of the answer, and the end-of-text "
               f"token that stops generation. Base model: {_losses(b)}."]
     return "\n".join(lines)
+
+
+def _pretrained(b: dict) -> str:
+    if b.get("pretrain_steps") is None:
+        return ""
+    bpb = f", validation {b['val_bpb']:.3f} bits/byte" if "val_bpb" in b else ""
+    return f", pretrained {b['pretrain_steps']:,} steps on {b['pretrain_tokens'] / 1e6:.1f}M tokens{bpb}"
 
 
 def _losses(x: dict) -> str:
