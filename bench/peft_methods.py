@@ -1,8 +1,10 @@
 """Every PEFT method and full fine-tuning on the Shakespeare instruction task, one budget, one run.
 
-The base is the `make demo` model (a pretraining checkpoint); the task is `lmstack prepare
-shakespeare-tasks` ("Which play is this passage from?" / "Who speaks the lines marked ???",
-held out by passage). The budget is the same for every method: ``--epochs`` passes over the same
+The base is a pretraining checkpoint of the demo recipe: the published table uses it trained 1,500
+steps (`lmstack train --recipe recipes/shakespeare-tiny.yaml max_steps=1500 time_limit=3000
+out_dir=runs/shakespeare-base`), since on the 500-step `make demo` model the PEFT methods stay near
+0%. The task is `lmstack prepare shakespeare-tasks` ("Which play is this passage from?" / "Who
+speaks the lines marked ???", held out by passage). The budget is the same for every method: ``--epochs`` passes over the same
 4,000 training questions with the "plain" prompt template. Methods that keep the sequence as it is
 (full, lora, adapter, ia3) pack about two examples per row, kept apart by document masks; the ones
 that add virtual tokens (prefix, ptuning_v2, prompt) cannot share a row between examples, so they
@@ -17,7 +19,7 @@ the same budget (so an interrupted run can be finished). Besides exact match, ea
 teacher-forced loss of the reference answers split by position (``lmstack.train.answer_loss``),
 which shows where a method that scores 0% fails.
 
-    python bench/peft_methods.py --base runs/shakespeare-tiny [--epochs 2] [--batch 16]
+    python bench/peft_methods.py --base runs/shakespeare-base --epochs 3 [--batch 16]
 """
 from __future__ import annotations
 
