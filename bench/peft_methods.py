@@ -4,14 +4,15 @@ The base is a pretraining checkpoint of the demo recipe: the published table use
 steps (`lmstack train --recipe recipes/shakespeare-tiny.yaml max_steps=1500 time_limit=3000
 out_dir=runs/shakespeare-base`), since on the 500-step `make demo` model the PEFT methods stay near
 0%. The task is `lmstack prepare shakespeare-tasks` ("Which play is this passage from?" / "Who
-speaks the lines marked ???", held out by passage). The budget is the same for every method: ``--epochs`` passes over the same
-4,000 training questions with the "plain" prompt template. Methods that keep the sequence as it is
-(full, lora, adapter, ia3) pack about two examples per row, kept apart by document masks; the ones
-that add virtual tokens (prefix, ptuning_v2, prompt) cannot share a row between examples, so they
-take one padded example per row, twice the optimizer steps on half-full rows. Each method uses the
-learning rate and options in METHODS, then answers the held-out questions greedily; the score is
-exact match. Each method runs in its own process so its peak memory is its own: peak RSS growth
-over the loaded base model and data (CPU) or peak allocated memory (CUDA).
+speaks the lines marked ???", held out by passage). The budget is the same for every method:
+``--epochs`` passes over the same 4,000 training questions with the "plain" prompt template. Methods
+that keep the sequence as it is (full, lora, adapter, ia3) pack about two examples per row, kept
+apart by document masks; the ones that add virtual tokens (prefix, ptuning_v2, prompt) cannot share
+a row between examples, so they take one padded example per row, twice the optimizer steps on
+half-full rows. Each method uses the learning rate and options in METHODS, then answers the held-out
+questions greedily; the score is exact match. Each method runs in its own process so its peak memory
+is its own: peak RSS growth over the loaded base model and data (CPU) or peak allocated memory
+(CUDA).
 
 Writes bench/results/peft_methods.json and a table in docs/benchmarks.md after every method.
 ``--methods a,b --keep`` reruns only those methods and keeps the other rows of an earlier run with
@@ -107,7 +108,7 @@ def run_one(args) -> dict:
 def base_accuracy(args) -> dict:
     from lmstack.data.instruct import load_split
     from lmstack.train import load_checkpoint
-    from lmstack.train.checkpoint import resolve_checkpoint
+    from lmstack.train.checkpoint import resolve_checkpoint, training_history
     from lmstack.train.task_eval import answer_loss, evaluate_task
 
     torch.set_num_threads(args.threads)
@@ -117,19 +118,14 @@ def base_accuracy(args) -> dict:
     return {"accuracy": acc["accuracy"], "by_kind": {k: v["accuracy"] for k, v in acc["by_kind"].items()},
             "answer_loss": answer_loss(model, tok, examples, template=args.template),
             "total_params": model.num_params(), "n_train": len(load_split(args.data, "train")),
-            **pretraining(resolve_checkpoint(args.base))}
+            **pretraining(training_history(resolve_checkpoint(args.base)))}
 
 
-def pretraining(ckpt: Path) -> dict:
-    """How the base was pretrained: its step and tokens (trainer_state.json) and, when its run's
-    metrics.jsonl is found (ckpt is run/checkpoints/step_N), the validation bits per byte at that step."""
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    out = {"pretrain_steps": state.get("step"), "pretrain_tokens": state.get("tokens_seen")}
-    for run in (ckpt.parent, ckpt.parent.parent):
-        if (run / "metrics.jsonl").is_file():
-            rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            out.update({"val_bpb": r["val_bpb"] for r in rows if "val_bpb" in r and r.get("step") == out["pretrain_steps"]})
-            break
+def pretraining(history: dict) -> dict:
+    """How the base was pretrained: its step and tokens, and the validation bits/byte at that step."""
+    step = history.get("step")
+    out = {"pretrain_steps": step, "pretrain_tokens": history.get("tokens_seen")}
+    out.update({"val_bpb": r["val_bpb"] for r in history["evals"] if r.get("step") == step and "val_bpb" in r})
     return out
 
 

@@ -316,7 +316,8 @@ def cmd_convert(args) -> int:
 
 def cmd_info(args) -> int:
     from .config import ModelConfig
-    from .train.checkpoint import is_adapter_checkpoint, read_config, read_finetune_info, resolve_checkpoint
+    from .train.checkpoint import (is_adapter_checkpoint, read_config, read_finetune_info, resolve_checkpoint,
+                                   training_history)
 
     ckpt = resolve_checkpoint(args.checkpoint, adapters=True)
     info: dict[str, Any] = {"checkpoint": str(ckpt)}
@@ -327,16 +328,11 @@ def cmd_info(args) -> int:
     else:
         cfg = read_config(ckpt)
     info.update({"params": cfg.n_params, "config": cfg.to_dict()})
-    state_file = ckpt / "trainer_state.json"
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        info["step"] = state.get("step")
-        info["tokens_seen"] = state.get("tokens_seen")
-    metrics = ckpt.parent.parent / "metrics.jsonl"
-    if metrics.is_file():
-        evals = [json.loads(x) for x in metrics.read_text().splitlines() if "val_loss" in x]
-        if evals:
-            info["last_eval"] = evals[-1]
+    history = training_history(ckpt)
+    evals = history.pop("evals")
+    info.update(history)
+    if evals:
+        info["last_eval"] = evals[-1]
     info["files"] = {p.name: p.stat().st_size for p in sorted(ckpt.iterdir()) if p.is_file()}
     print(json.dumps(info, indent=2))
     return 0

@@ -218,6 +218,21 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
     return model, tok
 
 
+def training_history(ckpt: Path) -> dict[str, Any]:
+    """What a checkpoint folder says about its run: ``step`` and ``tokens_seen`` from
+    trainer_state.json (absent without one) and ``evals``, the validation records of the run's
+    metrics.jsonl (``run/checkpoints/step_N`` -> ``run``), oldest first (empty without one)."""
+    out: dict[str, Any] = {}
+    state_file = ckpt / "trainer_state.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        out.update(step=state.get("step"), tokens_seen=state.get("tokens_seen"))
+    metrics = ckpt.parent.parent / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    out["evals"] = [r for r in map(json.loads, lines) if "val_loss" in r]
+    return out
+
+
 def load_training_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainer_state.json contents, optimizer.pt contents) — the latter loaded weights_only."""
     ckpt = resolve_checkpoint(path, adapters=True)
