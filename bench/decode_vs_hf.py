@@ -4,8 +4,9 @@ Three workloads, each with every library's own ``generate`` and no EOS (every ro
 ``--new-tokens`` tokens after a ``--prompt-len``-token prompt):
   greedy batch 1, greedy batch 8, and beam search with 4 beams (batch 1).
 tokens/s counts generated positions per prompt row: batch 8 counts 8 per step, beam search 1 per
-step however many beams it keeps. Timings are the best of ``--repeats`` runs after a warm-up
-(compilation excluded). The script also reports whether both libraries produced the same tokens.
+step however many beams it keeps. Timings are the best of ``--repeats`` rounds after a warm-up
+(compilation excluded), the libraries taking turns within each round. The script also reports
+whether both libraries produced the same tokens.
 
 CPU (default): the ``tiny`` preset in fp32. GPU: ``--device cuda --model llama-1.1b --dtype bf16``
 also runs transformers with its static cache (``cache_implementation="static"``), the setting its
@@ -14,7 +15,7 @@ distributions are peaked like a trained model's (no near-ties between the librar
 
 Writes bench/results/decode_vs_hf[_<device>].json and a table in docs/benchmarks.md.
 
-    python bench/decode_vs_hf.py [--threads 2] [--new-tokens 200] [--repeats 3]
+    python bench/decode_vs_hf.py [--threads 2] [--new-tokens 200] [--repeats 5]
     python bench/decode_vs_hf.py --device cuda --model llama-1.1b --dtype bf16
 """
 
@@ -37,19 +38,22 @@ WORKLOADS = {"greedy batch 1": (1, 1), "greedy batch 8": (8, 1), "beam search, 4
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def timed(fn, repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:
-    """Best wall time of ``repeats`` calls (after one warm-up call) and the last output."""
-    out = fn()
-    best = float("inf")
+def timed(fns: dict, repeats: int, device: torch.device) -> tuple[dict, dict]:
+    """Best wall time of each of ``fns`` over ``repeats`` rounds, after one warm-up call each, and
+    its last output. The contenders take turns within each round, so a slow spell of a shared
+    machine hits all of them instead of whichever ran then."""
+    outs = {name: fn() for name, fn in fns.items()}
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            outs[name] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best, outs
 
 
 def build(args, device, dtype):
@@ -73,7 +77,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--weight-scale", type=float, default=3.0)
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args()
@@ -93,24 +97,20 @@ def main() -> int:
                "new_tokens": N, "workloads": {}}
     for wl, (B, beams) in WORKLOADS.items():
         ids = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g).to(device)
-        row: dict = {}
-        outs: dict = {}
-        for name, kw in variants.items():
-            t, outs[name] = timed(lambda: generate(ours, ids, N, num_beams=beams, **kw).sequences,
-                                  args.repeats, device)
-            row[name] = B * N / t
-            print(f"{wl}: {name} {row[name]:,.0f} tok/s", flush=True)
+        fns = {name: (lambda kw=kw: generate(ours, ids, N, num_beams=beams, **kw).sequences)
+               for name, kw in variants.items()}
         hf_runs = {"hf": {}}
         if device.type == "cuda":
             # transformers compiles the forward itself when the cache is static (on CUDA)
             hf_runs["hf static cache"] = {"cache_implementation": "static"}
         for name, kw in hf_runs.items():
-            with torch.inference_mode():
-                t, outs[name] = timed(lambda: theirs.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
-                    do_sample=False, num_beams=beams, early_stopping=False, **kw), args.repeats, device)
-            row[name] = B * N / t
-            print(f"{wl}: {name} {row[name]:,.0f} tok/s", flush=True)
+            fns[name] = lambda kw=kw: theirs.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
+                do_sample=False, num_beams=beams, early_stopping=False, **kw)
+        with torch.inference_mode():
+            best, outs = timed(fns, args.repeats, device)
+        row: dict = {name: B * N / t for name, t in best.items()}
+        print(f"{wl}: " + ", ".join(f"{name} {v:,.0f} tok/s" for name, v in row.items()), flush=True)
         row["same_tokens"] = all(torch.equal(o, outs["hf"]) for o in outs.values())
         results["workloads"][wl] = row
 

@@ -91,6 +91,18 @@ def test_greedy_ragged_rows_equal_unpadded_runs(models):
         assert torch.equal(out[i, out.shape[1] - len(p) - 12:], alone)
 
 
+def test_compiled_decode_matches_hf(models):
+    """``compile=True`` (torch.compile of the decode step, through the CPU decode layout's one-row
+    and few-rows products) gives HF's tokens, for one row and for a ragged batch."""
+    h, m = models
+    ids = torch.randint(0, V, (1, 6))
+    assert torch.equal(generate(m, ids, 12, compile=True).sequences, hf_greedy(h, ids, 12))
+    prompts, pad = ragged([5, 9, 2]), 3
+    ids, mask = hf_left_pad(prompts, pad)
+    ref = hf_greedy(h, ids, 12, attention_mask=mask, pad_token_id=pad)
+    assert torch.equal(generate(m, prompts, 12, pad_token_id=pad, compile=True).sequences, ref)
+
+
 def test_repetition_penalty_greedy_matches_hf(models):
     h, m = models
     prompts, pad = ragged([4, 10, 7]), 5
@@ -177,22 +189,28 @@ def test_generate_leaves_grad_mode_alone(models):
 
 
 def test_cpu_decode_layout_is_invisible():
-    """The column-major weight copies used while decoding on the CPU give the same tokens and leave
-    the model's parameters (and its weight tying) exactly as they were."""
+    """The decode layout's matrix products (one row: the column-major copy; a few rows: the
+    transposed product; more: the usual one) give the usual outputs, and on exit the model is
+    exactly as it was: same parameters, weight tying, no leftover forward or weight copies."""
     import lmstack
-    from lmstack.generate.decode import cpu_decode_layout
+    from lmstack.generate.decode import FEW_ROWS, cpu_decode_layout
 
     cfg = lmstack.ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
-                              max_seq_len=64, tie_embeddings=True)
+                              max_seq_len=64, tie_embeddings=True, qkv_bias=True)
     torch.manual_seed(0)
     m = lmstack.Transformer(cfg).eval()
-    before = {n: p for n, p in m.named_parameters(remove_duplicate=False)}
-    x = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
-        ref = m(x)
-        with cpu_decode_layout(m):
-            assert not m.layers[0].mlp.up_proj.weight.is_contiguous()
-            torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+        for layer in m.layers:  # qkv_bias inits the biases at zero: make them count
+            layer.self_attn.q_proj.bias.normal_()
+    before = {n: p for n, p in m.named_parameters(remove_duplicate=False)}
+    with torch.no_grad():
+        for shape in [(1, 1), (3, 1), (2, 5), (1, FEW_ROWS), (3, FEW_ROWS)]:  # 1, few and many rows
+            x = torch.randint(0, 64, shape)
+            ref = m(x)
+            with cpu_decode_layout(m):
+                assert m.layers[0].mlp.up_proj.decode_weight.stride() == (1, 48)  # (out, in) = (48, 32), column-major
+                torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
     after = {n: p for n, p in m.named_parameters(remove_duplicate=False)}
     assert all(after[n] is p for n, p in before.items())
+    assert not any("forward" in mod.__dict__ or "decode_weight" in mod.__dict__ for mod in m.modules())
     assert m.lm_head.weight is m.embed_tokens.weight

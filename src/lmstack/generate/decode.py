@@ -54,32 +54,53 @@ def compiled_decode_step():
 
 
 CPU_LAYOUT_MAX_BYTES = 1 << 30  # extra memory the CPU decode layout may use (it copies the weights)
+FEW_ROWS = 16  # up to this many rows (batch * new positions), the CPU decode layout's transposed product
+
+
+def decode_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` while ``cpu_decode_layout`` is on: the same product, computed the way
+    MKL runs fastest for the number of rows in ``x`` (equal up to float rounding)."""
+    rows = x.numel() // x.shape[-1]
+    if rows == 1:  # a matrix-vector product: fastest on the (in, out)-contiguous copy
+        return torch.nn.functional.linear(x, self.decode_weight, self.bias)
+    if rows > FEW_ROWS or x.dtype != torch.float32:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    y = torch.mm(self.weight, x.reshape(rows, -1).t()).t()  # (W @ x^T)^T: (rows, out), column-major
+    if self.bias is not None:
+        y = y + self.bias
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 @contextlib.contextmanager
 def cpu_decode_layout(model: torch.nn.Module) -> Iterator[None]:
-    """On the CPU, give every ``nn.Linear`` a column-major copy of its weight for one ``generate``.
+    """On the CPU, give every ``nn.Linear`` the faster matrix products of decoding for one ``generate``.
 
-    A batch-1 decode step is a chain of matrix-vector products. MKL runs them about 1.7x faster when
-    the weight is stored (in, out)-contiguous, i.e. as ``W.t().contiguous().t()`` (same values, same
-    shape, other strides), than on the (out, in) layout ``nn.Linear`` keeps for training. The copies
-    live only inside this context and the original parameters are put back on exit, so nothing can
-    go stale; models whose linear weights exceed ``CPU_LAYOUT_MAX_BYTES`` are left alone.
+    A decode step multiplies every weight by a few rows (batch size x 1 new position), and how MKL
+    is asked for that product matters more than the FLOPs. With one row it is a matrix-vector
+    product, about 1.7x faster on a weight stored (in, out)-contiguous, i.e. ``W.t().contiguous().t()``
+    (same values, same shape, other strides), than on the (out, in) layout ``nn.Linear`` keeps for
+    training. With 2 to ``FEW_ROWS`` rows, computing ``(W @ x^T)^T`` on the usual weight instead of
+    ``x @ W^T`` is about 2x faster through a whole model (weights streamed from memory, batch 8).
+    Longer inputs (the prompt's prefill) take the usual path. Inside this context each linear layer
+    holds the (in, out)-contiguous copy as ``decode_weight`` and uses ``decode_linear`` as its
+    forward; both are removed on exit and the parameters are never touched, so nothing can go
+    stale. Models whose linear weights exceed ``CPU_LAYOUT_MAX_BYTES`` are left alone.
     """
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     if not linears or linears[0].weight.device.type != "cpu" or nbytes > CPU_LAYOUT_MAX_BYTES:
         yield
         return
-    saved = [(m, m.weight) for m in linears]
     try:
         with torch.no_grad():
-            for m, w in saved:
-                m.weight = torch.nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
+            for m in linears:
+                m.decode_weight = m.weight.detach().t().contiguous().t()
+                m.forward = decode_linear.__get__(m)
         yield
     finally:
-        for m, w in saved:
-            m.weight = w
+        for m in linears:
+            m.__dict__.pop("decode_weight", None)
+            m.__dict__.pop("forward", None)
 
 
 # -- inputs -------------------------------------------------------------------------------------
