@@ -214,3 +214,14 @@ def test_cpu_decode_layout_is_invisible():
     assert all(after[n] is p for n, p in before.items())
     assert not any("forward" in mod.__dict__ or "decode_weight" in mod.__dict__ for mod in m.modules())
     assert m.lm_head.weight is m.embed_tokens.weight
+
+    # Nested (or concurrent) generate calls share one layout; the last one out takes it down. A
+    # forward someone else installed is left alone.
+    custom = m.layers[0].mlp.down_proj.forward = lambda x: torch.zeros(*x.shape[:-1], 32)
+    with cpu_decode_layout(m):
+        with cpu_decode_layout(m):
+            pass
+        assert "decode_weight" in m.lm_head.__dict__  # the outer generate still has its layout
+        assert m.layers[0].mlp.down_proj.forward is custom
+    assert not any("decode_weight" in mod.__dict__ for mod in m.modules())
+    assert m.layers[0].mlp.down_proj.forward is custom

@@ -83,14 +83,24 @@ def cpu_decode_layout(model: torch.nn.Module) -> Iterator[None]:
     ``x @ W^T`` is about 2x faster through a whole model (weights streamed from memory, batch 8).
     Longer inputs (the prompt's prefill) take the usual path. Inside this context each linear layer
     holds the (in, out)-contiguous copy as ``decode_weight`` and uses ``decode_linear`` as its
-    forward; both are removed on exit and the parameters are never touched, so nothing can go
-    stale. Models whose linear weights exceed ``CPU_LAYOUT_MAX_BYTES`` are left alone.
+    forward; both are removed when the last ``generate`` using them (nested or in another thread)
+    exits, and the parameters are never touched, so nothing can go stale. Models whose linear
+    weights exceed ``CPU_LAYOUT_MAX_BYTES`` are left alone.
     """
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    if model.__dict__.get("decode_layout_users", 0):  # nested or concurrent generate: already laid out
+        model.decode_layout_users += 1
+        try:
+            yield
+        finally:
+            model.decode_layout_users -= 1
+        return
+    # plain nn.Linear only, and none whose forward someone has already replaced
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
     nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     if not linears or linears[0].weight.device.type != "cpu" or nbytes > CPU_LAYOUT_MAX_BYTES:
         yield
         return
+    model.decode_layout_users = 1
     try:
         with torch.no_grad():
             for m in linears:
@@ -98,9 +108,12 @@ def cpu_decode_layout(model: torch.nn.Module) -> Iterator[None]:
                 m.forward = decode_linear.__get__(m)
         yield
     finally:
-        for m in linears:
-            m.__dict__.pop("decode_weight", None)
-            m.__dict__.pop("forward", None)
+        model.decode_layout_users -= 1
+        if not model.decode_layout_users:  # the last user out takes the layout down
+            for m in linears:
+                m.__dict__.pop("decode_weight", None)
+                m.__dict__.pop("forward", None)
+            del model.decode_layout_users
 
 
 # -- inputs -------------------------------------------------------------------------------------
