@@ -65,7 +65,7 @@ def decode_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.decode_weight, self.bias)
     if rows > FEW_ROWS or x.dtype != torch.float32:
         return torch.nn.functional.linear(x, self.weight, self.bias)
-    y = torch.mm(self.weight, x.reshape(rows, -1).t()).t()  # (W @ x^T)^T: (rows, out), column-major
+    y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t()  # (W @ x^T)^T: (rows, out), column-major
     if self.bias is not None:
         y = y + self.bias
     return y.view(*x.shape[:-1], y.shape[-1])
