@@ -193,7 +193,7 @@ def test_cpu_decode_layout_is_invisible():
     transposed product; more: the usual one) give the usual outputs, and on exit the model is
     exactly as it was: same parameters, weight tying, no leftover forward or weight copies."""
     import lmstack
-    from lmstack.generate.decode import FEW_ROWS, cpu_decode_layout
+    from lmstack.generate.decode import FEW_ROWS, cpu_decode_layout, decode_linear
 
     cfg = lmstack.ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
                               max_seq_len=64, tie_embeddings=True, qkv_bias=True)
@@ -209,6 +209,7 @@ def test_cpu_decode_layout_is_invisible():
             ref = m(x)
             with cpu_decode_layout(m):
                 assert m.layers[0].mlp.up_proj.decode_weight.stride() == (1, 48)  # (out, in) = (48, 32), column-major
+                assert all(lin.forward.__func__ is decode_linear for lin in m.modules() if type(lin) is torch.nn.Linear)
                 torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
     after = {n: p for n, p in m.named_parameters(remove_duplicate=False)}
     assert all(after[n] is p for n, p in before.items())
