@@ -226,3 +226,13 @@ def test_cpu_decode_layout_is_invisible():
         assert m.layers[0].mlp.down_proj.forward is custom
     assert not any("decode_weight" in mod.__dict__ for mod in m.modules())
     assert m.layers[0].mlp.down_proj.forward is custom
+    # Overlapping calls from two threads: the first one in leaves first; the layout stays until the
+    # second one leaves, and goes then.
+    first, second = cpu_decode_layout(m), cpu_decode_layout(m)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert m.lm_head.forward.__func__ is decode_linear
+    second.__exit__(None, None, None)
+    assert not any("decode_weight" in mod.__dict__ for mod in m.modules())
+    assert "forward" not in m.lm_head.__dict__ and m.layers[0].mlp.down_proj.forward is custom

@@ -87,33 +87,29 @@ def cpu_decode_layout(model: torch.nn.Module) -> Iterator[None]:
     exits, and the parameters are never touched, so nothing can go stale. Models whose linear
     weights exceed ``CPU_LAYOUT_MAX_BYTES`` are left alone.
     """
-    if model.__dict__.get("decode_layout_users", 0):  # nested or concurrent generate: already laid out
-        model.decode_layout_users += 1
-        try:
+    users = model.__dict__.get("decode_layout_users", 0)  # generate calls inside the layout now
+    if not users:
+        # plain nn.Linear only, and none whose forward someone has already replaced
+        linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
+        nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+        if not linears or linears[0].weight.device.type != "cpu" or nbytes > CPU_LAYOUT_MAX_BYTES:
             yield
-        finally:
-            model.decode_layout_users -= 1
-        return
-    # plain nn.Linear only, and none whose forward someone has already replaced
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
-    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    if not linears or linears[0].weight.device.type != "cpu" or nbytes > CPU_LAYOUT_MAX_BYTES:
-        yield
-        return
-    model.decode_layout_users = 1
+            return
+    model.decode_layout_users = users + 1
     try:
-        with torch.no_grad():
-            for m in linears:
-                m.decode_weight = m.weight.detach().t().contiguous().t()
-                m.forward = decode_linear.__get__(m)
+        if not users:  # the first user lays the model out; nested or concurrent calls share it
+            with torch.no_grad():
+                for m in linears:
+                    m.decode_weight = m.weight.detach().t().contiguous().t()
+                    m.forward = decode_linear.__get__(m)
         yield
     finally:
         model.decode_layout_users -= 1
-        if not model.decode_layout_users:  # the last user out takes the layout down
-            for m in linears:
-                m.__dict__.pop("decode_weight", None)
-                m.__dict__.pop("forward", None)
+        if not model.decode_layout_users:  # the last user out, whichever it is, takes the layout down
             del model.decode_layout_users
+            for m in model.modules():
+                if m.__dict__.pop("decode_weight", None) is not None:
+                    m.__dict__.pop("forward", None)
 
 
 # -- inputs -------------------------------------------------------------------------------------
