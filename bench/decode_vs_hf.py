@@ -10,7 +10,9 @@ whether both libraries produced the same tokens.
 
 CPU (default): the ``tiny`` preset in fp32. GPU: ``--device cuda --model llama-1.1b --dtype bf16``
 also runs transformers with its static cache (``cache_implementation="static"``), the setting its
-docs recommend for speed (generate then compiles the forward). Weights are random, scaled up so the next-token
+docs recommend for speed (generate then compiles the forward); there "lmstack+compile" is our
+static cache with CUDA graphs (``generate(compile=True)``'s default on CUDA), and the JSON records
+how many compiled graphs fell back from CUDA graphs (``cudagraph_skips``, 0 expected). Weights are random, scaled up so the next-token
 distributions are peaked like a trained model's (no near-ties between the libraries).
 
 Writes bench/results/decode_vs_hf[_<device>].json and a table in docs/benchmarks.md.
@@ -114,6 +116,11 @@ def main() -> int:
         row["same_tokens"] = all(torch.equal(o, outs["hf"]) for o in outs.values())
         results["workloads"][wl] = row
 
+    if device.type == "cuda":
+        from torch._dynamo.utils import counters
+
+        results["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+        print(f"compiled graphs that fell back from CUDA graphs: {results['cudagraph_skips']}")
     suffix = "" if device.type == "cpu" else f"_{device.type}"
     publish(f"decode_vs_hf{suffix}", results, render(results), docs=not args.no_docs)
     return 0

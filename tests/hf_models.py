@@ -46,3 +46,23 @@ def tiny_hf(family: str = "llama", *, vocab=128, dim=64, layers=2, heads=4, kv_h
     missing, unexpected = m.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     return hf, m.eval()
+
+
+def no_special_tokens(h):
+    """Only what a test passes: the config's default EOS would stop HF where lmstack does not."""
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        setattr(h.generation_config, name, None)
+    return h
+
+
+def ragged_batch(lengths, seed=0, *, vocab=128, pad=127):
+    """Random prompts of the given lengths (ids below ``pad``), left-padded with ``pad``:
+    ids (B, T), mask (B, T) 0 at padding."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, T - n :] = torch.randint(0, min(vocab, pad), (n,), generator=g)
+        mask[i, T - n :] = 1
+    return ids, mask

@@ -64,6 +64,28 @@ def test_padding_keys_are_ignored(seed):
         torch.testing.assert_close(attention(q, k, v, key_valid=key_valid, backend=backend), ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("Tq", [1, 3])
+@pytest.mark.parametrize("window", [None, 3])
+def test_query_pos_places_queries_in_a_longer_buffer(seed, Hq, Hkv, Tq, window):
+    """``query_pos``: queries at given key slots of a buffer that runs past them (a static-shape KV
+    cache); keys after a query, padding keys and keys outside the window are not seen."""
+    Tk = 12
+    q, k, v = rand(2, Hq, Hkv, Tq, Tk)
+    pos = torch.arange(5, 5 + Tq)  # the last query sits at slot 4 + Tq; slots after it are unused
+    key_valid = torch.ones(2, Tk, dtype=torch.bool)
+    key_valid[1, :3] = False
+    allowed = lambda b, i, j: j <= int(pos[i]) and bool(key_valid[b, j]) and (window is None or pos[i] - j < window)  # noqa: E731
+    ref = naive(q, k, v, allowed)
+    for backend in ("sdpa", "reference", "triton"):  # triton: no kernel for this, it falls back to SDPA
+        out = attention(q, k, v, window=window, key_valid=key_valid, query_pos=pos, backend=backend)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    # Without padding too; and the same as bottom-right attention over the filled slots only.
+    out = attention(q, k, v, window=window, query_pos=pos)
+    torch.testing.assert_close(out, attention(q, k[:, :, :5 + Tq], v[:, :, :5 + Tq], window=window),
+                               rtol=1e-10, atol=1e-10)
+
+
 def test_padding_queries_stay_finite(seed):
     q, k, v = rand(1, 2, 2, 5, 5)
     key_valid = torch.tensor([[False, False, True, True, True]])

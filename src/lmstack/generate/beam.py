@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decode import GenerateOutput, decode_step, padded_positions, prefill
+from .decode import GenerateOutput, Steps, padded_positions, prefill
 from .sampling import apply_repetition_penalty
 
 NEG_INF = float("-inf")
@@ -137,7 +137,7 @@ def beam_search(
     eos: list[int],
     pad_id: int,
     repetition_penalty: float | None = None,
-    step_fn=decode_step,
+    steps: Steps | None = None,
 ) -> GenerateOutput:
     """Beam search from prompts ids (B, T) (left-padded where ``pad_mask`` (B, T) is False).
 
@@ -152,7 +152,8 @@ def beam_search(
     rows = torch.arange(B, device=dev).repeat_interleave(N)  # (B*N,) the prompt of each beam row
     base = torch.arange(B, device=dev)[:, None] * N  # (B, 1) first beam row of each prompt
 
-    cache = model.setup_cache(B, total)
+    steps = steps or Steps()
+    cache = steps.setup_cache(model, B, total)
     positions = None if pad_mask is None else padded_positions(pad_mask)  # (B, T)
     logits = prefill(model, ids, cache, positions, pad_mask)[rows]  # (B*N, V): one prefill per prompt
     cache.reorder(rows)  # B -> B*N rows, each prompt's keys copied to its beams
@@ -210,7 +211,7 @@ def beam_search(
         if all_full or not bool(open_.any()):  # the one host sync per step
             break
         cache.reorder(beam_rows)
-        logits = step_fn(model, seq[:, t - 1 : t], cache, pos)  # (B*N, V)
+        logits = steps(model, seq[:, t - 1 : t], cache, pos)  # (B*N, V)
         if pos is not None:
             pos += 1
 

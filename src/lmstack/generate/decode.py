@@ -45,12 +45,69 @@ def decode_step(
     return model(token, positions=positions, cache=cache, logits_to_keep=1)[:, -1]
 
 
+def static_decode_step(
+    model: torch.nn.Module, token: torch.Tensor, cache, positions: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """``decode_step`` on shapes that never change, for CUDA graphs (HF's static cache, gpt-fast):
+    the new keys/values go to cache slot(s) ``slots`` (1,) and attention spans the whole cache
+    buffer, masked past them. ``positions`` (B|1, 1) are required; ``cache.length`` is left to the
+    caller. Same logits as ``decode_step`` up to float rounding."""
+    return model(token, positions=positions, cache=cache, cache_slots=slots, logits_to_keep=1)[:, -1]
+
+
 @functools.cache
 def compiled_decode_step():
     """``decode_step`` through ``torch.compile`` (gpt-fast): one graph for every cache length
     (``dynamic=True``), elementwise ops fused around the matmuls. The first call compiles (tens of
     seconds on a CPU); later calls, and later ``generate`` calls, reuse it."""
     return torch.compile(decode_step, dynamic=True)
+
+
+@functools.cache
+def compiled_static_step():
+    """``static_decode_step`` through ``torch.compile`` with CUDA graphs (``mode="reduce-overhead"``):
+    one graph per batch size and cache size, each step a single graph replay, with no Python and
+    no per-kernel launch cost. (On a CPU the mode only compiles.)"""
+    return torch.compile(static_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+STATIC_CACHE_ROUND = 256  # static caches are sized up to a multiple of this: fewer distinct graphs
+
+
+class Steps:
+    """How a decode loop runs its one-token steps, and the cache they need.
+
+    Default: ``decode_step``, eager, on a cache of exactly the tokens needed. ``compile``: through
+    ``compiled_decode_step``. ``static``: ``static_decode_step`` (through ``compiled_static_step``
+    when compiling) on a cache rounded up to ``STATIC_CACHE_ROUND`` slots, so prompts of similar
+    lengths share one graph; the slot, the positions of an unpadded batch and the cache length
+    are handled here, outside the graph."""
+
+    def __init__(self, *, compile: bool = False, static: bool = False):
+        self.compile, self.static = compile, static
+
+    def setup_cache(self, model: torch.nn.Module, batch_size: int, total: int):
+        if self.static:
+            room = model.config.max_seq_len - model.virtual_tokens
+            total = min(-(-total // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND, room)
+        return model.setup_cache(batch_size, total)
+
+    def __call__(self, model: torch.nn.Module, token: torch.Tensor, cache, positions: torch.Tensor | None):
+        """Feed ``token`` (B, 1) at the cache's end (RoPE ``positions`` (B, 1), or None for the
+        default); return the next-token logits (B, V)."""
+        if not self.static:
+            return (compiled_decode_step() if self.compile else decode_step)(model, token, cache, positions)
+        slot = cache.static_slot()
+        if positions is None:  # no padding: each row's RoPE position is its slot, less the virtual tokens
+            positions = (slot - model.virtual_tokens).view(1, 1)
+        if self.compile:
+            if token.is_cuda:  # a new step: the last replay's outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = compiled_static_step()(model, token, cache, positions, slot)
+        else:
+            logits = static_decode_step(model, token, cache, positions, slot)
+        cache.advance(token.shape[1])
+        return logits
 
 
 CPU_LAYOUT_MAX_BYTES = 1 << 30  # extra memory the CPU decode layout may use (it copies the weights)
@@ -242,6 +299,7 @@ def generate(
     early_stopping: bool | str = False,
     stop_on_eos: bool = True,
     compile: bool = False,
+    static_cache: bool | None = None,
 ) -> GenerateOutput:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -256,6 +314,9 @@ def generate(
     seed: seeds a private ``torch.Generator``, so sampling is reproducible and leaves the global
         RNG alone.
     compile: run the decode step through ``torch.compile`` (see ``compiled_decode_step``).
+    static_cache: decode on a static-shape cache (``static_decode_step``): with ``compile`` each
+        step is one CUDA graph replay. None (default) = on when compiling on a CUDA device. On a
+        CPU the usual cache is faster (it attends over the filled slots only).
     num_beams: > 1 = deterministic beam search (``lmstack.generate.beam``, HF's
         ``generate(num_beams=N, do_sample=False)`` rules); needs temperature 0 or None.
     num_return_sequences: with beam search, how many of the best hypotheses per prompt to return
@@ -279,7 +340,9 @@ def generate(
     device = next(model.parameters()).device
     ids, pad_mask = prepare_inputs(input_ids, attention_mask, pad_id if pad_id is not None else 0, device)
     check_length(model, ids.shape[1], max_new_tokens)
-    step_fn = compiled_decode_step() if compile else decode_step
+    if static_cache is None:
+        static_cache = compile and device.type == "cuda"
+    steps = Steps(compile=compile, static=static_cache)
     if num_beams > 1 or num_return_sequences != 1:
         from .beam import beam_search, check_beam_args  # imported here: beam builds on this module
 
@@ -291,7 +354,7 @@ def generate(
             return beam_search(
                 model, ids, pad_mask, max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
                 length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
-                repetition_penalty=repetition_penalty, step_fn=step_fn,
+                repetition_penalty=repetition_penalty, steps=steps,
             )
     if num_beams < 1:
         raise ValueError(f"num_beams={num_beams} must be >= 1")
@@ -300,8 +363,7 @@ def generate(
         repetition_penalty=repetition_penalty, generator=make_generator(seed, device),
     )
     with cpu_decode_layout(model), torch.inference_mode():
-        seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0,
-                          step_fn=step_fn)
+        seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0, steps=steps)
     return GenerateOutput(sequences=seq)
 
 
@@ -314,12 +376,13 @@ def decode_loop(
     *,
     eos: list[int],
     pad_id: int,
-    step_fn=decode_step,
+    steps: Steps | None = None,
 ) -> torch.Tensor:
     """Prefill, then one decode step per new token; returns the sequences (B, T + T_new)."""
+    steps = steps or Steps()
     B, T = ids.shape
     total = T + max_new_tokens
-    cache = model.setup_cache(B, total)
+    cache = steps.setup_cache(model, B, total)
     seq = ids.new_empty(B, total)  # (B, T + N): prompt then new tokens, written in place
     seq[:, :T] = ids
     # Repetition penalty must skip the prompt's padding: a (B, total) mask, True past the prompt.
@@ -343,7 +406,7 @@ def decode_loop(
         t += 1
         if step == max_new_tokens - 1 or (eos_ids is not None and not bool(unfinished.any())):
             break
-        logits = step_fn(model, tok[:, None], cache, pos)
+        logits = steps(model, tok[:, None], cache, pos)
         if pos is not None:
             pos += 1
     return seq[:, :t]

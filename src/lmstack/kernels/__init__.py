@@ -1,17 +1,19 @@
 """lmstack.kernels: one attention API over several backends.
 
-``attention(q, k, v, causal=..., seqs=..., window=..., scale=..., key_valid=..., backend=...)``
-takes q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D) and returns (B, Hq, Tq, D). Backends:
+``attention(q, k, v, causal=..., seqs=..., window=..., scale=..., key_valid=..., query_pos=..., backend=...)``
+takes q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D) and returns (B, Hq, Tq, D). Queries sit at the last
+Tq key positions (causal masks align bottom-right) unless ``query_pos`` (Tq,) says where: a
+static-shape KV cache attends over its whole buffer, filled only up to the query. Backends:
 
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (the default off-GPU).
   GQA uses SDPA's ``enable_gqa`` (torch >= 2.5) so K/V are never repeated; for single-token
   decoding the query heads sharing a K/V head are folded into the query-length axis instead,
-  which needs no mask and no copy on any torch version.
+  which needs no copy on any torch version.
 - ``"reference"``: plain PyTorch math (``reference.attention_ref``), the specification.
 - ``"triton"``: our FlashAttention-2 kernels (``flash_attention.py``), forward and backward;
   packed documents (``seqs``) go through the varlen kernel on the flattened (B*T, H, D) tokens.
-  The kernels take no padding mask: with ``key_valid`` this backend falls back to SDPA with the
-  boolean mask. On the CPU they run only through Triton's interpreter (``TRITON_INTERPRET=1``).
+  The kernels take no padding mask and align queries bottom-right: with ``key_valid`` or
+  ``query_pos`` this backend falls back to SDPA with the boolean mask. On the CPU they run only through Triton's interpreter (``TRITON_INTERPRET=1``).
 
 ``backend=None`` picks ``"triton"`` when q is a CUDA tensor in fp16/bf16 (or under CUDA autocast to
 one of them, which then casts q/k/v as it would for SDPA) with a supported head dim, triton
@@ -47,6 +49,7 @@ def attention(
     window: int | None = None,
     scale: float | None = None,
     key_valid: torch.Tensor | None = None,
+    query_pos: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     B, Hq, Tq, D = q.shape
@@ -57,22 +60,20 @@ def attention(
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {BACKENDS}")
     if backend == "triton":
-        if key_valid is None:
+        if key_valid is None and query_pos is None:
             return _triton(q, k, v, causal=causal, seqs=seqs, window=window, scale=scale)
-        backend = "sdpa"  # no padding masks in the kernels: SDPA with the boolean mask below
+        backend = "sdpa"  # the kernels take no mask: SDPA with the boolean mask below
 
-    # Decoding one token with nothing to mask: every cached key is visible.
-    simple_decode = Tq == 1 and window is None and seqs is None and key_valid is None
-    plain_causal = causal and Tq == Tk and window is None and seqs is None and key_valid is None
-    if simple_decode or (not causal and window is None and seqs is None and key_valid is None):
+    unmasked = window is None and seqs is None and key_valid is None and query_pos is None
+    if unmasked and (Tq == 1 or not causal):  # e.g. decoding one token: every cached key is visible
         mask = None
         causal = False
-    elif plain_causal:
+    elif unmasked and Tq == Tk:  # plain causal
         mask = None
     else:
         mask = attention_mask(
-            Tq, Tk, causal=causal, window=window,
-            doc_ids=None if seqs is None else seqs.doc_ids, key_valid=key_valid, device=q.device,
+            Tq, Tk, causal=causal, window=window, doc_ids=None if seqs is None else seqs.doc_ids,
+            key_valid=key_valid, query_pos=query_pos, device=q.device,
         )
 
     if backend == "reference":
@@ -84,9 +85,10 @@ def _sdpa(q, k, v, *, causal, mask, scale):
     B, Hq, Tq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    if G > 1 and Tq == 1 and mask is None:
-        # Fold the G query heads of each K/V head into the query axis: (B, Hkv, G, D).
-        o = F.scaled_dot_product_attention(q.view(B, Hkv, G, D), k, v, scale=scale)
+    if G > 1 and Tq == 1 and (mask is None or mask.shape[1] == 1):
+        # Fold the G query heads of each K/V head into the query axis: (B, Hkv, G, D); a mask
+        # (B|1, 1, 1, Tk) is the same for all of them.
+        o = F.scaled_dot_product_attention(q.view(B, Hkv, G, D), k, v, attn_mask=mask, scale=scale)
         return o.view(B, Hq, 1, D)
     kw = {}
     if G > 1:

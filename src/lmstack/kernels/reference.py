@@ -28,6 +28,7 @@ def attention_mask(
     window: int | None = None,
     doc_ids: torch.Tensor | None = None,
     key_valid: torch.Tensor | None = None,
+    query_pos: torch.Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask, True = may attend, shaped (B or 1, 1, Tq, Tk); None when nothing is masked.
@@ -36,10 +37,15 @@ def attention_mask(
     doc_ids: (B, T) with Tq == Tk; tokens attend only within their own document.
     key_valid: (B, Tk) False for padding keys. A query always sees its own key, so rows of
     padding queries stay finite (their outputs are ignored; a fully masked row would give NaN).
+    query_pos: (Tq,) the key index each query sits at. Default: the last Tq keys (bottom-right
+        alignment); a static-shape KV cache, whose buffer runs past the queries, passes the slots.
     """
     if not causal and window is None and doc_ids is None and key_valid is None:
         return None
-    qi = torch.arange(Tk - Tq, Tk, device=device).view(Tq, 1)  # absolute index of each query
+    if query_pos is None:
+        qi = torch.arange(Tk - Tq, Tk, device=device).view(Tq, 1)  # absolute index of each query
+    else:
+        qi = query_pos.to(device).view(Tq, 1)
     kj = torch.arange(Tk, device=device).view(1, Tk)
     mask = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
     if causal:

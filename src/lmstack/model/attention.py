@@ -27,6 +27,9 @@ class AttnContext:
     cache: KVCache | None = None
     seqs: kernels.Seqs | None = None
     key_valid: torch.Tensor | None = None  # (B, Tk) False for padding keys
+    # A static-shape step (``KVCache.update(slots=...)``): the cache slots (T,) its tokens are
+    # written at; attention then spans the whole cache buffer, masked past these slots.
+    slots: torch.Tensor | None = None
     backend: str | None = None
     # Leading virtual key/value positions that begin in this call but are not rows of x (see
     # ``Transformer.virtual_tokens``): a module replacing this layer's attention (prefix tuning)
@@ -63,9 +66,9 @@ class Attention(nn.Module):
         the heads back: -> (B, T, dim). Tk_new >= T: extra keys lead (causal alignment is bottom-right)."""
         B, _, T, _ = q.shape
         if ctx.cache is not None:
-            k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, Hkv, cached + Tk_new, D)
+            k, v = ctx.cache.update(self.layer_idx, k, v, ctx.slots)  # (B, Hkv, cached + Tk_new | max_len, D)
         o = kernels.attention(
             q, k, v, causal=True, seqs=ctx.seqs, window=self.window,
-            key_valid=ctx.key_valid, backend=ctx.backend,
+            key_valid=ctx.key_valid, query_pos=ctx.slots, backend=ctx.backend,
         )  # (B, Hq, T, D)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

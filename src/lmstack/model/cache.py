@@ -5,6 +5,12 @@ keys/values at ``[length, length + T)`` and attention reads ``[0, length + T)``,
 reallocates or concatenates. ``reset()`` empties it for the next prompt, ``reorder(index)``
 permutes the batch (beam search). ``key_valid`` marks padding keys of left-padded batches; it is
 only allocated once a batch has padding, so the common case builds no mask at all.
+
+Static-shape steps (for CUDA graphs, as HF's ``StaticCache``): ``update(..., slots=...)`` writes
+at slot indices given as a tensor and returns the whole buffers, so a decode step's shapes and
+code are the same at every length; attention masks the slots past the query (``query_pos``).
+``static_slot()`` pins the buffers' addresses for ``torch.compile`` and gives the ``slot`` tensor
+those steps write at; the caller advances ``length`` after each one.
 """
 
 from __future__ import annotations
@@ -30,13 +36,21 @@ class KVCache:
         self.batch_size, self.max_len = batch_size, max_len
         self.length = 0  # tokens already stored (the same for every row: padding is on the left)
         self.key_valid: torch.Tensor | None = None  # (B, max_len) bool, only when there is padding
+        self.slot: torch.Tensor | None = None  # (1,) int64, the next slot of static-shape steps
 
     def reset(self) -> None:
         self.length = 0
         self.key_valid = None
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, Hkv, T, D) after the cached ones; return all keys/values so far."""
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) after the cached ones; return all keys/values so far. With
+        ``slots`` (T,) int64, store them there instead and return the whole buffers (max_len keys)."""
+        if slots is not None:
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
@@ -62,10 +76,28 @@ class KVCache:
     def advance(self, T: int) -> None:
         self.length += T
 
+    def static_slot(self) -> torch.Tensor:
+        """The slot of the next static-shape step: ``slot`` (1,) int64, set to ``length``.
+
+        The first call marks every buffer as having a fixed address
+        (``torch._dynamo.mark_static_address``), so compiled steps with CUDA graphs write them in
+        place instead of copying them in and out."""
+        if self.slot is None:
+            from torch._dynamo import mark_static_address  # imports dynamo: only here
+
+            for t in (*self.k, *self.v):
+                mark_static_address(t)
+            self.slot = torch.zeros(1, dtype=torch.long, device=self.k[0].device)
+            mark_static_address(self.slot)
+        self.slot.fill_(self.length)
+        return self.slot
+
     def reorder(self, index: torch.Tensor) -> None:
         """Select/permute batch rows in place (beam search). A permutation of the same number of
         rows (every beam step) copies only the filled ``[0, length)`` part, into the same buffers."""
         same, L = index.numel() == self.batch_size, self.length
+        if not same and self.slot is not None:
+            raise ValueError("a static cache keeps its batch size; reorder it with a permutation of its rows")
         for buf in (self.k, self.v):
             for i, t in enumerate(buf):
                 if same:

@@ -132,6 +132,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         seqs: kernels.Seqs | None = None,
         pad_mask: torch.Tensor | None = None,
+        cache_slots: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_hidden: bool = False,
     ):
@@ -143,13 +144,21 @@ class Transformer(nn.Module):
         seqs: packed-document metadata (``lmstack.kernels.Seqs``): attention stays within documents.
         pad_mask: (B, T) False at padding tokens of ``input_ids`` (left padding); with a cache it
             is remembered for later decode steps.
+        cache_slots: (T,) int64, a static-shape step (CUDA graphs): write the new keys/values at
+            these cache slots and attend over the whole cache, masked past them. Needs ``cache``
+            (already holding the prompt) and ``positions``; reads no Python-side cache state and
+            leaves ``cache.length`` to the caller, so every step runs the same code on the same
+            shapes. See ``lmstack.generate.decode.static_decode_step``.
         return_hidden: also return the final (normed) hidden state (B, T, dim).
         With ``virtual_tokens`` (module docstring), ``positions`` and ``pad_mask`` still describe
         the T real tokens only; the model shifts and extends them.
         """
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        lead = self.virtual_tokens if start == 0 else 0  # virtual positions beginning in this call
+        static = cache_slots is not None
+        if static and (cache is None or positions is None or pad_mask is not None):
+            raise ValueError("cache_slots (a static-shape step) needs a cache and positions, and takes no pad_mask")
+        start = cache.length if cache is not None and not static else 0
+        lead = self.virtual_tokens if start == 0 and not static else 0  # virtual positions beginning in this call
         inject = lead if self.virtual_embeds is not None else 0  # of those, fed through the layers
         if self.virtual_tokens:
             positions = self.virtual_positions(positions, seqs, start, lead, inject, T, input_ids.device)
@@ -175,15 +184,18 @@ class Transformer(nn.Module):
 
         if lead and pad_mask is not None:
             pad_mask = torch.cat([pad_mask.new_ones(B, lead, dtype=torch.bool), pad_mask.bool()], dim=1)
-        key_valid = cache.mark(B, lead + T, pad_mask) if cache is not None else pad_mask
+        if static:
+            key_valid = cache.key_valid  # (B, max_len): padding of the prompt, True elsewhere
+        else:
+            key_valid = cache.mark(B, lead + T, pad_mask) if cache is not None else pad_mask
         ctx = AttnContext(cos=cos, sin=sin, cache=cache, seqs=seqs, key_valid=key_valid, backend=self.attn_backend,
-                          virtual=lead - inject)
+                          virtual=lead - inject, slots=cache_slots)
         x = self.embed_tokens(input_ids)  # (B, T, dim)
         if inject:
             x = torch.cat([self.virtual_embeds(B).to(x.dtype), x], dim=1)  # (B, inject + T, dim)
         for layer in self.layers:
             x = layer(x, ctx)
-        if cache is not None:
+        if cache is not None and not static:
             cache.advance(lead + T)
         if inject:
             x = x[:, inject:]  # (B, T, dim): callers see their own tokens only

@@ -1,0 +1,125 @@
+"""Static-shape decoding (``generate(static_cache=True)``, the CUDA-graph path) against HF and
+against the usual cache, on the same random weights: greedy, ragged batches, beam search, sliding
+windows, virtual tokens; and the compiled step (one graph reused across lengths)."""
+
+import pytest
+import torch
+
+import lmstack
+from lmstack import peft
+from lmstack.generate import generate
+from lmstack.generate.decode import STATIC_CACHE_ROUND, Steps
+
+from ..hf_models import no_special_tokens, ragged_batch, tiny_hf
+
+pytest.importorskip("transformers")
+
+V = 128
+PAD = V - 1
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+def family(request):
+    h, m = tiny_hf(request.param, scale=3.0, seed=2)  # mistral: sliding window 8 < prompt + new tokens
+    return no_special_tokens(h), m
+
+
+@pytest.mark.parametrize("lengths", [[9], [5, 5, 5], [6, 1, 11]])
+def test_static_greedy_matches_hf(family, lengths):
+    h, m = family
+    ids, mask = ragged_batch(lengths, seed=sum(lengths))
+    with torch.no_grad():
+        ref = h.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=PAD)
+    out = generate(m, ids, 20, attention_mask=mask, pad_token_id=PAD, static_cache=True).sequences
+    assert torch.equal(out, ref), (out[:, ids.shape[1]:], ref[:, ids.shape[1]:])
+
+
+def test_static_beam_matches_hf(family):
+    h, m = family
+    ids, mask = ragged_batch([7, 4], seed=3)
+    with torch.no_grad():
+        greedy = h.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=4, do_sample=False)
+        eos = int(greedy[0, -1])  # a token the beams do emit, so hypotheses finish early
+        ref = h.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, num_beams=4,
+                         num_return_sequences=2, eos_token_id=eos, pad_token_id=PAD, output_scores=True,
+                         return_dict_in_generate=True)
+    out = generate(m, ids, 14, attention_mask=mask, num_beams=4, num_return_sequences=2, eos_token_id=eos,
+                   pad_token_id=PAD, static_cache=True)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.scores, ref.sequences_scores, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_static_with_virtual_tokens_equals_usual_cache(method):
+    """Soft prompts and prefixes occupy the cache's first slots; static steps write after them and
+    give the RoPE positions the usual cache gives."""
+    _, m = tiny_hf("llama", scale=3.0, seed=4)
+    torch.manual_seed(4)
+    peft.apply(m, method, num_virtual_tokens=5)
+    with torch.no_grad():
+        for p in (p for p in m.parameters() if p.requires_grad):
+            p.normal_(0, 1.0)  # not the near-identity init: the virtual tokens must matter
+    prompts = [torch.randint(0, V, (n,)).tolist() for n in (3, 8)]
+    usual = generate(m, prompts, 16, pad_token_id=PAD).sequences
+    assert torch.equal(generate(m, prompts, 16, pad_token_id=PAD, static_cache=True).sequences, usual)
+    assert torch.equal(generate(m, [prompts[1]], 16, static_cache=True).sequences,
+                       generate(m, [prompts[1]], 16).sequences)
+
+
+def test_static_cache_size_is_rounded_up():
+    cfg = lmstack.ModelConfig(vocab_size=V, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=3 * STATIC_CACHE_ROUND)
+    m = lmstack.Transformer(cfg)
+    assert Steps(static=True).setup_cache(m, 2, 37).max_len == STATIC_CACHE_ROUND
+    assert Steps(static=True).setup_cache(m, 2, STATIC_CACHE_ROUND + 1).max_len == 2 * STATIC_CACHE_ROUND
+    assert Steps(static=True).setup_cache(m, 2, 3 * STATIC_CACHE_ROUND - 5).max_len == 3 * STATIC_CACHE_ROUND
+    assert Steps().setup_cache(m, 2, 37).max_len == 37
+    m.virtual_tokens = 10  # the context also holds them: the rounding stops at what is left
+    assert Steps(static=True).setup_cache(m, 1, 3 * STATIC_CACHE_ROUND - 20).max_len == 3 * STATIC_CACHE_ROUND
+
+
+def test_static_step_bad_input():
+    _, m = tiny_hf("llama", seed=5)
+    cache = m.setup_cache(1, 16)
+    m(torch.tensor([[1, 2, 3]]), cache=cache)
+    with pytest.raises(ValueError, match="cache_slots"):
+        m(torch.tensor([[4]]), cache=cache, cache_slots=cache.static_slot())  # no positions
+    cache.reorder(torch.tensor([0]))  # a permutation is fine
+    with pytest.raises(ValueError, match="static cache keeps its batch size"):
+        cache.reorder(torch.tensor([0, 0]))
+
+
+def test_compiled_static_step_matches_hf_and_is_reused():
+    """``compile=True, static_cache=True``: the torch.compile'd static step (CUDA graphs on a GPU;
+    on a CPU the same graph, compiled, without them) gives HF's tokens, and a second call with
+    other prompt and output lengths in the same cache size reuses its graph."""
+    from torch._dynamo.utils import counters
+
+    h, m = tiny_hf("llama", scale=3.0, seed=6)
+    no_special_tokens(h)
+    for lengths, n in (([6, 2, 9], 12), ([3, 10, 4], 20)):
+        ids, mask = ragged_batch(lengths, seed=n)
+        with torch.no_grad():
+            ref = h.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=PAD)
+        out = generate(m, ids, n, attention_mask=mask, pad_token_id=PAD, compile=True, static_cache=True)
+        assert torch.equal(out.sequences, ref)
+        if n == 12:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile for the new lengths
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decode_matches_eager():
+    """On a GPU, ``compile=True`` defaults to the static cache with CUDA graphs: same tokens as the
+    eager usual-cache decode, and no step falls back from CUDA graphs."""
+    from torch._dynamo.utils import counters
+
+    _, m = tiny_hf("llama", scale=3.0, seed=7)
+    m = m.cuda()
+    ids, mask = ragged_batch([6, 2, 9], seed=7)
+    ids, mask = ids.cuda(), mask.cuda()
+    ref = generate(m, ids, 24, attention_mask=mask, pad_token_id=PAD).sequences
+    skips = counters["inductor"]["cudagraph_skips"]
+    for _ in range(3):  # warm-up, recording, replays
+        out = generate(m, ids, 24, attention_mask=mask, pad_token_id=PAD, compile=True).sequences
+        assert torch.equal(out, ref)
+    assert counters["inductor"]["cudagraph_skips"] == skips
