@@ -233,3 +233,78 @@ def test_tiny_transformer_triton_equals_sdpa(seed):
         torch.testing.assert_close(o_tri, o_sdpa, rtol=1e-4, atol=1e-5)
         for a, b in zip(g_tri, g_sdpa):
             assert rel_err(a, b.double()) < 1e-3
+
+
+# -- bf16 at real sizes, on a GPU ---------------------------------------------------------------
+
+# (B, Sq, Sk, Hq, Hkv, D, causal, window_size)
+GPU_CASES = {
+    "causal-2k-d128": (2, 2048, 2048, 16, 16, 128, True, (-1, -1)),
+    "causal-4k-gqa4-d128": (1, 4096, 4096, 32, 8, 128, True, (-1, -1)),
+    "full-1k-d64": (4, 1024, 1024, 16, 16, 64, False, (-1, -1)),
+    "causal-q<k-gqa3-d96": (2, 500, 1700, 12, 4, 96, True, (-1, -1)),
+    "causal-mqa-d32": (2, 2048, 2048, 16, 1, 32, True, (-1, -1)),
+    "window-odd-len-d128": (2, 3001, 3001, 8, 2, 128, True, (1023, -1)),
+    "causal-d256": (1, 1024, 1024, 8, 8, 256, True, (-1, -1)),
+}
+GPU_VARLEN_LENGTHS = [1, 7, 64, 300, 2048, 513, 1000, 90, 1500, 33, 4, 1200]  # 6,760 tokens, mixed
+
+
+def sdpa_bf16(q, k, v, *, causal, window_size):
+    """PyTorch SDPA on bf16 inputs with the same mask: the error a user accepts today."""
+    Sq, Sk = q.shape[1], k.shape[1]
+    G = q.shape[2] // k.shape[2]
+    mask = window_mask(Sq, Sk, causal=causal, window_size=window_size, device=q.device)
+    qt, kt, vt = q.transpose(1, 2), k.repeat_interleave(G, 2).transpose(1, 2), v.repeat_interleave(G, 2).transpose(1, 2)
+    return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
+
+
+def assert_as_accurate_as_sdpa(attend, reference, shapes):
+    """bf16 output and dq/dk/dv against a float32 reference: errors at most twice SDPA's on the same
+    bf16 inputs (plus 1e-4 of the values' scale), the criterion flash-attn's own tests use."""
+    x32 = [torch.randn(*s, device=DEVICE, requires_grad=True) for s in shapes]
+    ours_in = [t.detach().bfloat16().requires_grad_() for t in x32]
+    theirs_in = [t.detach().bfloat16().requires_grad_() for t in x32]
+    outs = [reference(*x32), attend(*ours_in), reference(*theirs_in, sdpa=True)]
+    do = torch.randn_like(outs[0])
+    for o in outs:
+        o.backward(do.to(o.dtype))
+    assert outs[1].dtype == torch.bfloat16
+    for name, ref, ours, theirs in zip(["out", "dq", "dk", "dv"], [outs[0]] + [t.grad for t in x32],
+                                       [outs[1]] + [t.grad for t in ours_in], [outs[2]] + [t.grad for t in theirs_in]):
+        assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+        err, sdpa_err = ((t.float() - ref).abs().max().item() for t in (ours, theirs))
+        assert err <= 2 * sdpa_err + 1e-4 * ref.abs().max().item(), f"{name}: max error {err:.3g}, SDPA's {sdpa_err:.3g}"
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="bf16 at real sizes: GPU only (hours in the interpreter)")
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_bf16_real_sizes_as_accurate_as_sdpa(seed, case):
+    B, Sq, Sk, Hq, Hkv, D, causal, window_size = GPU_CASES[case]
+
+    def reference(q, k, v, sdpa=False):
+        if sdpa:
+            return sdpa_bf16(q, k, v, causal=causal, window_size=window_size)
+        return ref_attention(q, k, v, causal=causal, window_size=window_size)[0]
+
+    assert_as_accurate_as_sdpa(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, window_size=window_size),
+                               reference, [(B, Sq, Hq, D), (B, Sk, Hkv, D), (B, Sk, Hkv, D)])
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="bf16 at real sizes: GPU only (hours in the interpreter)")
+def test_bf16_varlen_real_sizes_as_accurate_as_sdpa(seed):
+    lens = GPU_VARLEN_LENGTHS
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    Hq, Hkv, D = 16, 4, 128
+
+    def reference(q, k, v, sdpa=False):
+        if not sdpa:
+            return ref_varlen(q, k, v, cu.tolist(), cu.tolist(), causal=True)
+        parts = [sdpa_bf16(q[None, a:b], k[None, a:b], v[None, a:b], causal=True, window_size=(-1, -1))[0]
+                 for a, b in zip(cu.tolist(), cu.tolist()[1:])]
+        return torch.cat(parts)
+
+    cu_dev = cu.to(DEVICE)
+    assert_as_accurate_as_sdpa(
+        lambda q, k, v: flash_attn_varlen_func(q, k, v, cu_dev, cu_dev, max(lens), max(lens), causal=True),
+        reference, [(sum(lens), Hq, D), (sum(lens), Hkv, D), (sum(lens), Hkv, D)])
