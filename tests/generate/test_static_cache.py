@@ -75,6 +75,8 @@ def test_static_cache_size_is_rounded_up():
     assert Steps().setup_cache(m, 2, 37).max_len == 37
     m.virtual_tokens = 10  # the context also holds them: the rounding stops at what is left
     assert Steps(static=True).setup_cache(m, 1, 3 * STATIC_CACHE_ROUND - 20).max_len == 3 * STATIC_CACHE_ROUND
+    with pytest.raises(ValueError, match="exceeds the model context"):  # no silent shrinking
+        Steps(static=True).setup_cache(m, 1, 3 * STATIC_CACHE_ROUND - 5)
 
 
 def test_static_step_bad_input():

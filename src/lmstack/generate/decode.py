@@ -87,9 +87,9 @@ class Steps:
         self.compile, self.static = compile, static
 
     def setup_cache(self, model: torch.nn.Module, batch_size: int, total: int):
-        if self.static:
+        if self.static:  # rounded up, within the context (never below total: setup_cache reports that)
             room = model.config.max_seq_len - model.virtual_tokens
-            total = min(-(-total // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND, room)
+            total = max(total, min(-(-total // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND, room))
         return model.setup_cache(batch_size, total)
 
     def __call__(self, model: torch.nn.Module, token: torch.Tensor, cache, positions: torch.Tensor | None):
