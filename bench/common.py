@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -18,9 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def meta() -> dict:
     import transformers
 
+    commit = os.environ.get("LMSTACK_COMMIT")  # for a copy of the tree without .git (a lent GPU machine)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip() or "unknown"
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=ROOT).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
     cpu = platform.processor() or "cpu"

@@ -8,7 +8,8 @@
 #                                        # HF's default cache needs ~14 s per 200-token run there)
 #
 # Logs, result JSON and the updated docs/benchmarks.md are copied to $OUT (the device tool brings
-# that folder back); copy the JSON and the docs sections into the repo from there.
+# that folder back); copy the JSON and the docs sections into the repo from there. A copy of the
+# tree without .git records the commit given as LMSTACK_COMMIT=$(git rev-parse --short HEAD).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
