@@ -67,7 +67,8 @@ def test_static_with_virtual_tokens_equals_usual_cache(method):
 
 
 def test_static_cache_size_is_rounded_up():
-    cfg = lmstack.ModelConfig(vocab_size=V, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=3 * STATIC_CACHE_ROUND)
+    cfg = lmstack.ModelConfig(vocab_size=V, dim=32, n_layers=1, n_heads=2, ffn_dim=64,
+                              max_seq_len=3 * STATIC_CACHE_ROUND)
     m = lmstack.Transformer(cfg)
     assert Steps(static=True).setup_cache(m, 2, 37).max_len == STATIC_CACHE_ROUND
     assert Steps(static=True).setup_cache(m, 2, STATIC_CACHE_ROUND + 1).max_len == 2 * STATIC_CACHE_ROUND

@@ -75,7 +75,9 @@ def test_query_pos_places_queries_in_a_longer_buffer(seed, Hq, Hkv, Tq, window):
     pos = torch.arange(5, 5 + Tq)  # the last query sits at slot 4 + Tq; slots after it are unused
     key_valid = torch.ones(2, Tk, dtype=torch.bool)
     key_valid[1, :3] = False
-    allowed = lambda b, i, j: j <= int(pos[i]) and bool(key_valid[b, j]) and (window is None or pos[i] - j < window)  # noqa: E731
+    def allowed(b, i, j):
+        return j <= int(pos[i]) and bool(key_valid[b, j]) and (window is None or pos[i] - j < window)
+
     ref = naive(q, k, v, allowed)
     for backend in ("sdpa", "reference", "triton"):  # triton: no kernel for this, it falls back to SDPA
         out = attention(q, k, v, window=window, key_valid=key_valid, query_pos=pos, backend=backend)

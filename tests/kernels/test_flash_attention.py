@@ -274,7 +274,8 @@ def assert_as_accurate_as_sdpa(attend, reference, shapes):
                                        [outs[1]] + [t.grad for t in ours_in], [outs[2]] + [t.grad for t in theirs_in]):
         assert torch.isfinite(ours).all(), f"{name}: non-finite values"
         err, sdpa_err = ((t.float() - ref).abs().max().item() for t in (ours, theirs))
-        assert err <= 2 * sdpa_err + 1e-4 * ref.abs().max().item(), f"{name}: max error {err:.3g}, SDPA's {sdpa_err:.3g}"
+        bound = 2 * sdpa_err + 1e-4 * ref.abs().max().item()
+        assert err <= bound, f"{name}: max error {err:.3g}, SDPA's {sdpa_err:.3g}"
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="bf16 at real sizes: GPU only (hours in the interpreter)")

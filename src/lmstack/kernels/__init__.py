@@ -13,7 +13,8 @@ static-shape KV cache attends over its whole buffer, filled only up to the query
 - ``"triton"``: our FlashAttention-2 kernels (``flash_attention.py``), forward and backward;
   packed documents (``seqs``) go through the varlen kernel on the flattened (B*T, H, D) tokens.
   The kernels take no padding mask and align queries bottom-right: with ``key_valid`` or
-  ``query_pos`` this backend falls back to SDPA with the boolean mask. On the CPU they run only through Triton's interpreter (``TRITON_INTERPRET=1``).
+  ``query_pos`` this backend falls back to SDPA with the boolean mask. On the CPU they run only
+  through Triton's interpreter (``TRITON_INTERPRET=1``).
 
 ``backend=None`` picks ``"triton"`` when q is a CUDA tensor in fp16/bf16 (or under CUDA autocast to
 one of them, which then casts q/k/v as it would for SDPA) with a supported head dim, triton
