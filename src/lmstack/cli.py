@@ -262,9 +262,19 @@ def cmd_generate(args) -> int:
 
     model, tok = _load_for_generation(args)
     prompt = args.prompt.replace("\\n", "\n")
-    ids = tok.encode(prompt)
-    if tok.bos_id is not None and args.bos:
-        ids = [tok.bos_id] + ids
+    chat = tok.chat_template is not None and not args.raw
+    if chat:  # an instruct model: the prompt is the user's turn, rendered as transformers renders it
+        if args.bos:
+            raise ValueError("--bos applies to --raw prompts; the chat template writes its own BOS")
+        messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+        ids = tok.apply_chat_template(messages + [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    else:
+        if args.system is not None:
+            where = "--raw was given" if args.raw else "the tokenizer has no chat template"
+            raise ValueError(f"--system needs a chat template, and {where}; put the text in --prompt instead")
+        ids = tok.encode(prompt)
+        if tok.bos_id is not None and args.bos:
+            ids = [tok.bos_id] + ids
     if not ids:
         raise ValueError("the prompt is empty; pass some text with --prompt")
     kw = dict(
@@ -274,10 +284,12 @@ def cmd_generate(args) -> int:
     if args.no_stream:
         out = generate(model, torch.tensor([ids], device=next(model.parameters()).device),
                        max_new_tokens=args.max_new_tokens, **kw)
-        print(tok.decode(out.sequences[0].tolist()))
+        # the prompt and its continuation; with a chat template, the reply alone
+        print(tok.decode(out.sequences[0, len(ids) if chat else 0:].tolist()))
         return 0
     stream = generate_stream(model, ids, max_new_tokens=args.max_new_tokens, **kw)  # checks arguments first
-    sys.stdout.write(prompt)
+    if not chat:
+        sys.stdout.write(prompt)
     new: list[int] = []
     shown = ""
     for t in stream:
@@ -410,7 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--min-p", type=float, default=None)
     ge.add_argument("--repetition-penalty", type=float, default=None)
     ge.add_argument("--seed", type=int, default=None)
-    ge.add_argument("--bos", action="store_true", help="prepend the BOS token")
+    ge.add_argument("--bos", action="store_true", help="prepend the BOS token (--raw prompts)")
+    ge.add_argument("--raw", action="store_true",
+                    help="continue the prompt text as it is, even when the tokenizer has a chat template "
+                         "(by default the prompt becomes the user's turn and the reply is printed)")
+    ge.add_argument("--system", default=None, help="system message (chat template only)")
     ge.add_argument("--no-stream", action="store_true", help="print once at the end")
     ge.add_argument("--device", default="auto")
     ge.set_defaults(func=cmd_generate)

@@ -298,3 +298,53 @@ def test_errors(folders, tmp_path):
         render_chat(CHATML, [])
     with pytest.raises(ValueError, match="each message must be a dict"):
         render_chat(CHATML, [CONVERSATIONS[0]])  # a batch of chats is not one chat
+
+
+def test_cli_generate_uses_the_chat_template(folders, tmp_path, capsys):
+    """`lmstack generate --hf DIR`: with a chat template in the folder the prompt becomes the user's
+    turn (after an optional --system one), rendered as transformers renders it, and the greedy reply
+    equals HF generate's on those ids; --raw continues the text itself; misuse is a one-line error."""
+    import torch
+
+    from lmstack.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(folders["chatml"], folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(theirs), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, max_position_embeddings=128, bos_token_id=None,
+        eos_token_id=theirs.convert_tokens_to_ids("<|im_end|>"))
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" not in name:
+                p.mul_(3.0)  # peaked next-token distributions: no near-ties in greedy decoding
+    hf.save_pretrained(folder)
+    ours = Tokenizer.from_file(folder)
+
+    def hf_reply(messages):
+        ids = _ids(theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+        return ours.decode(out[0, len(ids):])
+
+    def run(*extra):
+        code = main(["generate", "--hf", str(folder), "--prompt", "What is 2 + 2?", "--temperature", "0",
+                     "--max-new-tokens", "8", "--device", "cpu", *extra])
+        return code, capsys.readouterr()
+
+    user = {"role": "user", "content": "What is 2 + 2?"}
+    reply = hf_reply([user])
+    assert run("--no-stream")[1].out == reply + "\n"
+    assert run()[1].out == reply + "\n"  # streamed: the same reply
+    terse = hf_reply([{"role": "system", "content": "You are terse."}, user])
+    assert terse != reply  # the system turn changes the prompt the model sees
+    assert run("--system", "You are terse.", "--no-stream")[1].out == terse + "\n"
+    raw = run("--raw", "--no-stream")[1].out
+    assert raw.startswith("What is 2 + 2?") and raw != "What is 2 + 2?" + reply + "\n"
+    code, err = run("--raw", "--system", "You are terse.")
+    assert code == 2 and "--system needs a chat template, and --raw was given" in err.err
+    code, err = run("--bos")
+    assert code == 2 and "--bos applies to --raw prompts" in err.err
