@@ -48,6 +48,11 @@ def test_end_to_end(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(run), "--prompt", "LORD.\\n", "--max-new-tokens", "5",
                  "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("LORD.\n")
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "LORD.\\n", "--max-new-tokens", "5",
+                 "--seed", "0", "--typical-p", "0.9", "--no-stream"]) == 0
+    assert capsys.readouterr().out.startswith("LORD.\n")
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "x", "--typical-p", "1.5"]) == 2
+    assert "typical_p" in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -279,7 +279,8 @@ def cmd_generate(args) -> int:
         raise ValueError("the prompt is empty; pass some text with --prompt")
     kw = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, eos_token_id=tok.stop_ids or None, seed=args.seed,
+        typical_p=args.typical_p, repetition_penalty=args.repetition_penalty, eos_token_id=tok.stop_ids or None,
+        seed=args.seed,
     )
     if args.no_stream:
         out = generate(model, torch.tensor([ids], device=next(model.parameters()).device),
@@ -420,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-k", type=int, default=None)
     ge.add_argument("--top-p", type=float, default=None)
     ge.add_argument("--min-p", type=float, default=None)
+    ge.add_argument("--typical-p", type=float, default=None)
     ge.add_argument("--repetition-penalty", type=float, default=None)
     ge.add_argument("--seed", type=int, default=None)
     ge.add_argument("--bos", action="store_true", help="prepend the BOS token (--raw prompts)")
