@@ -12,8 +12,9 @@ CPU (default): the ``tiny`` preset in fp32. GPU: ``--device cuda --model llama-1
 also runs transformers with its static cache (``cache_implementation="static"``), the setting its
 docs recommend for speed (generate then compiles the forward); there "lmstack+compile" is our
 static cache with CUDA graphs (``generate(compile=True)``'s default on CUDA), and the JSON records
-how many compiled graphs fell back from CUDA graphs (``cudagraph_skips``, 0 expected). Weights are random, scaled up so the next-token
-distributions are peaked like a trained model's (no near-ties between the libraries).
+how many compiled graphs fell back from CUDA graphs (``cudagraph_skips``, 0 expected). Weights are
+random, scaled up so the next-token distributions are peaked like a trained model's (no near-ties
+between the libraries).
 
 Writes bench/results/decode_vs_hf[_<device>].json and a table in docs/benchmarks.md.
 
@@ -45,7 +46,7 @@ def timed(fns: dict, repeats: int, device: torch.device, optional: tuple[str, ..
     its last output. The contenders take turns within each round, so a slow spell of a shared
     machine hits all of them instead of whichever ran then. A contender named in ``optional`` whose
     warm-up raises is left out (reported, timed as None) instead of ending the run."""
-    outs = {}
+    fns, outs = dict(fns), {}  # the caller's dict stays as it was
     for name, fn in list(fns.items()):
         try:
             outs[name] = fn()
