@@ -7,12 +7,13 @@ out_dir=runs/shakespeare-base`), since on the 500-step `make demo` model the PEF
 speaks the lines marked ???", held out by passage). The budget is the same for every method:
 ``--epochs`` passes over the same 4,000 training questions with the "plain" prompt template. Methods
 that keep the sequence as it is (full, lora, adapter, ia3) pack about two examples per row, kept
-apart by document masks; the ones that add virtual tokens (prefix, ptuning_v2, prompt) cannot share
-a row between examples, so they take one padded example per row, twice the optimizer steps on
-half-full rows. Each method uses the learning rate and options in METHODS, then answers the held-out
-questions greedily; the score is exact match. Each method runs in its own process so its peak memory
-is its own: peak RSS growth over the loaded base model and data (CPU) or peak allocated memory
-(CUDA).
+apart by document masks; the ones that add leading virtual tokens (prefix, ptuning_v2, prompt before
+the input) cannot share a row between examples, so they take one padded example per row, twice the
+optimizer steps on half-full rows. Prompt tuning runs a second time with the soft prompt before the
+answer (``position="end"``), whose placeholders are part of each example, so its rows pack. Each
+method uses the learning rate and options in METHODS, then answers the held-out questions greedily;
+the score is exact match. Each method runs in its own process so its peak memory is its own: peak
+RSS growth over the loaded base model and data (CPU) or peak allocated memory (CUDA).
 
 Writes bench/results/peft_methods.json and a table in docs/benchmarks.md after every method.
 ``--methods a,b --keep`` reruns only those methods and keeps the other rows of an earlier run with
@@ -38,20 +39,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, meta, publish  # noqa: E402
 
-# method -> (learning rate, options for lmstack.peft.apply). Larger rates for the methods with
+# row -> (method, learning rate, options for lmstack.peft.apply). Larger rates for the methods with
 # fewer, more constrained parameters, as their papers use (LoRA at 3e-2 diverges on this model).
 # Prompt, prefix and P-tuning v2 start from this text (lmstack.peft: the soft prompt from its token
 # embeddings, the prefixes from the keys/values the base model computes for it), not from noise.
+# Prompt tuning runs twice: the soft prompt before the input (Lester et al., HF peft's layout) and
+# before the answer (position="end", where P-tuning's templates put continuous prompts).
 INIT_TEXT = "Which play is this passage from? Who speaks these lines?"
-METHODS: dict[str, tuple[float, dict]] = {
-    "full": (1e-3, {}),
-    "lora": (1e-2, {"r": 16, "alpha": 32, "target_modules": "all-linear"}),
-    "adapter": (5e-3, {"bottleneck": 32}),
-    "prefix": (1e-2, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
-    "ptuning_v2": (1e-1, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
-    "prompt": (3e-2, {"num_virtual_tokens": 64, "init_text": INIT_TEXT}),  # 16 tokens: 0%
-    "ia3": (3e-2, {}),
+METHODS: dict[str, tuple[str, float, dict]] = {
+    "full": ("full", 1e-3, {}),
+    "lora": ("lora", 1e-2, {"r": 16, "alpha": 32, "target_modules": "all-linear"}),
+    "adapter": ("adapter", 5e-3, {"bottleneck": 32}),
+    "prefix": ("prefix", 1e-2, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
+    "ptuning_v2": ("ptuning_v2", 1e-1, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
+    "prompt": ("prompt", 3e-2, {"num_virtual_tokens": 64, "init_text": INIT_TEXT}),  # 16 tokens: 0%
+    "prompt-end": ("prompt", 3e-2, {"num_virtual_tokens": 64, "init_text": INIT_TEXT, "position": "end"}),  # 16: 2.0%
+    "ia3": ("ia3", 3e-2, {}),
 }
+LABELS = {"prompt": "prompt, before the input", "prompt-end": "prompt, before the answer"}
 BUDGET = ("epochs", "batch", "seq_len", "eval_n", "template")  # what must match for --keep
 
 
@@ -69,13 +74,15 @@ def run_one(args) -> dict:
     from lmstack.train.task_eval import answer_loss, evaluate_task
 
     torch.set_num_threads(args.threads)
-    lr, options = METHODS[args.one]
+    method, lr, options = METHODS[args.one]
     out = Path(tempfile.mkdtemp(prefix=f"peft-{args.one}-"))
-    # the context holds the virtual tokens too: rows get that much shorter
-    seq_len = args.seq_len - options.get("num_virtual_tokens", 0)
+    # the context holds leading virtual tokens too: rows get that much shorter (a soft prompt before the
+    # answer is part of each example instead)
+    leading = options.get("num_virtual_tokens", 0) if options.get("position") != "end" else 0
     cfg = FinetuneConfig(
-        base=args.base, data=args.data, method=args.one, method_options=options, out_dir=str(out),
-        epochs=args.epochs, batch_size=args.batch, seq_len=seq_len, lr=lr, warmup_steps=10, template=args.template,
+        base=args.base, data=args.data, method=method, method_options=options, out_dir=str(out),
+        epochs=args.epochs, batch_size=args.batch, seq_len=args.seq_len - leading, lr=lr, warmup_steps=10,
+        template=args.template,
         eval_every=10**6, save_every=10**6, log_every=10, seed=0,
     )
     ft = Finetuner(cfg, progress=False)
@@ -203,7 +210,7 @@ def render(r: dict) -> str:
     ]
     for name, x in r["methods"].items():
         lines.append(
-            f"| {name}{' (init from text)' if x.get('init_from_text') else ''} | {x['lr']:g} "
+            f"| {LABELS.get(name, name)}{' (init from text)' if x.get('init_from_text') else ''} | {x['lr']:g} "
             f"| {'packed' if x['packed'] else 'padded'} | {x['trainable_params']:,} "
             f"| {100 * x['trainable_params'] / b['total_params']:.2f}% | {x['peak_mem_mb']:.0f} | {x['steps']} "
             f"| {x['step_ms']:.0f} | {x['train_s']:.0f} | {b['accuracy']:.1%} | **{x['accuracy']:.1%}** "

@@ -115,7 +115,7 @@ def test_config_errors(ft_cfg, task_dir, tmp_path):
         ft_cfg(method="bogus")
     with pytest.raises(ValueError, match="model_overrides does not apply to finetune"):
         ft_cfg(model_overrides={"dim": 8})
-    with pytest.raises(ValueError, match="method=prompt adds virtual tokens.*packing=false"):
+    with pytest.raises(ValueError, match="method=prompt adds leading virtual tokens.*packing=false.*position=end"):
         ft_cfg(method="prompt", packing=True)
     assert ft_cfg(method="prompt").packing is False and ft_cfg(method="lora").packing is True
     with pytest.raises(ValueError, match="finetune needs a base model"):
@@ -166,6 +166,31 @@ def test_peft_exact_resume(ft_cfg, tmp_path, method):
         Finetuner(ft_cfg(out_dir=str(tmp_path / "b")), resume=True, progress=False)
 
 
+def test_prompt_before_the_answer_packs_trains_and_evaluates(ft_cfg, base_ckpt, task_dir, tmp_path):
+    """position=end: rows are packed, each example carries the placeholders before its answer
+    (untrained), only the soft prompt moves, and the saved run evaluates with the placeholders."""
+    opts = dict(num_virtual_tokens=3, position="end", init_text="Who speaks?")
+    t = Finetuner(ft_cfg(method="prompt", method_options=opts, max_steps=6, lr=1e-2), progress=False)
+    assert t.cfg.packing
+    x, y, _, _ = t.batches.get(0)
+    soft = x < 0
+    assert ((x == -1).sum(1) >= 1).all() and int((x == -1).sum()) == int((x == -3).sum()) == int(soft.sum()) // 3
+    assert (y[:, :-1][soft[:, 1:]] == -100).all()  # the placeholders are never targets
+    assert (y[x == -3] >= 0).all()  # the last one predicts the answer's first token
+    before = t.model.soft_tokens.weight.detach().clone()
+    base = load_model(base_ckpt)
+    t.train()
+    assert not torch.equal(t.model.soft_tokens.weight, before)
+    for name, w in base.state_dict().items():
+        assert torch.equal(t.model.state_dict()[name], w), name
+    model, tok = load_checkpoint(tmp_path / "ft")
+    assert peft.soft_prompt_ids(model) == [-1, -2, -3]
+    test = load_split(task_dir, "test")[:6]
+    assert answer_loss(model, tok, test, template="plain") == answer_loss(t.model, tok, test, template="plain")
+    r = evaluate_task(model, tok, test, template="plain", batch_size=4)
+    assert r["total"] == 6 and len(r["predictions"]) == 6
+
+
 # -- task accuracy -----------------------------------------------------------------------------
 def test_normalize_answer():
     assert normalize_answer("  The   Tempest.\n") == normalize_answer("the tempest") == "the tempest"
@@ -209,12 +234,13 @@ def test_evaluate_task_scores_controlled_answers(base_ckpt, task_dir, monkeypatc
     assert kinds == expect and set(kinds) == {"k0", "k1"}
 
 
-@pytest.mark.parametrize("method", [None, "prompt"])
-def test_answer_loss_matches_a_per_example_float64_loop(base_ckpt, task_dir, method):
-    """Batched, padded scoring (with virtual tokens too) equals scoring each example alone in float64."""
+@pytest.mark.parametrize("position", [None, "start", "end"])
+def test_answer_loss_matches_a_per_example_float64_loop(base_ckpt, task_dir, position):
+    """Batched, padded scoring (with a soft prompt too, leading or in the text) equals scoring each
+    example alone in float64."""
     model, tok = load_checkpoint(base_ckpt)
-    if method:
-        peft.apply(model, method, num_virtual_tokens=2)
+    if position:
+        peft.apply(model, "prompt", num_virtual_tokens=2, position=position)
     examples = load_split(task_dir, "test")[:7]
     model.train()
     got = answer_loss(model, tok, examples, template="plain", batch_size=3)
@@ -222,7 +248,8 @@ def test_answer_loss_matches_a_per_example_float64_loop(base_ckpt, task_dir, met
     ref = {"all": [], "first": [], "rest": [], "end": []}
     m64 = model.double().eval()
     for ex in examples:
-        t = encode_example(ex, tok, "plain")
+        t = encode_example(ex, tok, "plain", peft.soft_prompt_ids(model))
+        assert (min(t.ids) < 0) == (position == "end")
         with torch.no_grad():
             logp = torch.log_softmax(m64(torch.tensor([t.ids[:-1]]))[0], -1)
         nll = [-float(logp[i, y]) for i, y in enumerate(t.labels[1:]) if y >= 0]

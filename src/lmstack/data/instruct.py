@@ -246,22 +246,35 @@ class TokenizedExample:
         return len(self.ids) - 1
 
 
-def encode_example(ex: Example, tok: Tokenizer, template: str = "alpaca") -> TokenizedExample:
-    """Token ids and response-only labels of one example (no truncation)."""
+def with_soft_ids(segs: list[Segment], soft_ids: Sequence[int]) -> list[Segment]:
+    """``segs`` with the untrained ids ``soft_ids`` (a soft prompt's placeholders,
+    ``lmstack.peft.soft_prompt_ids``) put before every reply, where the model reads them last."""
+    out: list[Segment] = []
+    for i, (seg, trained) in enumerate(segs):
+        if trained and (i == 0 or not segs[i - 1][1]):
+            out += [(t, False) for t in soft_ids]
+        out.append((seg, trained))
+    return out
+
+
+def encode_example(ex: Example, tok: Tokenizer, template: str = "alpaca",
+                   soft_ids: Sequence[int] = ()) -> TokenizedExample:
+    """Token ids and response-only labels of one example (no truncation); ``soft_ids`` go before
+    every reply (``with_soft_ids``)."""
     chat = ex.messages is not None and tok.chat_template is not None
     ids: list[int] = []
     labels: list[int] = []
-    for i, (seg, trained) in enumerate(render_segments(ex, tok, template)):
+    for i, (seg, trained) in enumerate(with_soft_ids(render_segments(ex, tok, template), soft_ids)):
         piece = _encode_segment(tok, seg, i == 0, chat)
         ids += piece
         labels += piece if trained else [IGNORE_INDEX] * len(piece)
     return TokenizedExample(tuple(ids), tuple(labels), ex.kind)
 
 
-def encode_prompt(ex: Example, tok: Tokenizer, template: str = "alpaca") -> list[int]:
+def encode_prompt(ex: Example, tok: Tokenizer, template: str = "alpaca", soft_ids: Sequence[int] = ()) -> list[int]:
     """The ids a model continues to answer ``ex``: every segment before the final reply, tokenized
-    exactly as in training."""
-    segs = render_segments(ex, tok, template)
+    exactly as in training (``soft_ids`` included, last)."""
+    segs = with_soft_ids(render_segments(ex, tok, template), soft_ids)
     last = len(segs)
     while last > 0 and segs[last - 1][1]:
         last -= 1
@@ -270,12 +283,12 @@ def encode_prompt(ex: Example, tok: Tokenizer, template: str = "alpaca") -> list
 
 
 def encode_examples(examples: Sequence[Example], tok: Tokenizer, seq_len: int,
-                    template: str = "alpaca") -> list[TokenizedExample]:
-    """Tokenize all examples, cutting each to ``seq_len + 1`` ids (``seq_len`` inputs). Examples
-    whose response is cut away entirely are dropped. One warning counts both."""
+                    template: str = "alpaca", soft_ids: Sequence[int] = ()) -> list[TokenizedExample]:
+    """Tokenize all examples (``encode_example``), cutting each to ``seq_len + 1`` ids (``seq_len``
+    inputs). Examples whose response is cut away entirely are dropped. One warning counts both."""
     out, cut, dropped = [], 0, 0
     for ex in examples:
-        t = encode_example(ex, tok, template)
+        t = encode_example(ex, tok, template, soft_ids)
         if len(t.ids) > seq_len + 1:
             cut += 1
             t = TokenizedExample(t.ids[: seq_len + 1], t.labels[: seq_len + 1], t.kind)
@@ -389,4 +402,4 @@ def load_split(data: str | Path, split: str) -> list[Example]:
 __all__ = ["IGNORE_INDEX", "Example", "InstructError", "PromptTemplate", "TEMPLATES", "TokenizedExample",
            "encode_example", "encode_examples", "encode_prompt", "first_fit", "get_template", "load_examples",
            "has_split", "load_split", "pack_batch", "pad_batch", "pad_id_of", "parse_record", "render_segments",
-           "split_file"]
+           "split_file", "with_soft_ids"]

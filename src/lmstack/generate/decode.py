@@ -244,6 +244,22 @@ def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int) -
         )
 
 
+def check_ids(model: torch.nn.Module, ids: torch.Tensor, pad_mask: torch.Tensor | None) -> None:
+    """Prompt ids must be vocabulary ids, or the placeholders -1 ... -n of a soft prompt placed in the
+    text (``Transformer.soft_tokens``, ``lmstack.peft.soft_prompt_ids``)."""
+    real = ids if pad_mask is None else ids.masked_fill(~pad_mask, 0)
+    low, high = int(real.min()), int(real.max())
+    vocab = model.config.vocab_size
+    if high >= vocab:
+        raise ValueError(f"prompt holds token id {high}, outside the model's vocabulary of {vocab}; "
+                         f"encode prompts with the model's own tokenizer")
+    table = getattr(model, "soft_tokens", None)
+    n = 0 if table is None else table.weight.shape[0]
+    if low < -n:
+        raise ValueError(f"prompt holds id {low}; negative ids stand for the vectors of a soft prompt placed in the "
+                         f"text (lmstack.peft.soft_prompt_ids), and this model has {n} of them")
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
@@ -340,6 +356,7 @@ def generate(
     device = next(model.parameters()).device
     ids, pad_mask = prepare_inputs(input_ids, attention_mask, pad_id if pad_id is not None else 0, device)
     check_length(model, ids.shape[1], max_new_tokens)
+    check_ids(model, ids, pad_mask)
     if static_cache is None:
         static_cache = compile and device.type == "cuda"
     steps = Steps(compile=compile, static=static_cache)
@@ -439,6 +456,7 @@ def generate_stream(
     device = next(model.parameters()).device
     ids, _ = prepare_inputs(prompt, None, 0, device)  # (1, T)
     check_length(model, ids.shape[1], max_new_tokens)
+    check_ids(model, ids, None)
     choose = make_chooser(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         repetition_penalty=repetition_penalty, generator=make_generator(seed, device),

@@ -26,11 +26,11 @@ def apply_repetition_penalty(
     ``penalty``, multiply negative ones (CTRL; HF ``RepetitionPenaltyLogitsProcessor``).
 
     Prompt tokens count; ``mask`` (B, T) False marks positions that do not (left padding, as HF
-    ignores the leading padding its attention mask shows). A token is penalised once however
-    often it occurs.
+    ignores the leading padding its attention mask shows), and so do soft-prompt placeholders (ids
+    < 0). A token is penalised once however often it occurs.
     """
     V = logits.shape[-1]
-    ids = input_ids.clamp(max=V)  # ids >= V (and masked positions) land in one spare column
+    ids = input_ids.clamp(max=V).masked_fill(input_ids < 0, V)  # ids >= V, < 0 (and masked) land in a spare column
     if mask is not None:
         ids = ids.masked_fill(~mask.bool(), V)
     padded = torch.nn.functional.pad(logits, (0, 1))  # (B, V + 1)

@@ -69,6 +69,9 @@ def to_peft(method: str, options: dict[str, Any], tensors: dict[str, torch.Tenso
     P = options["num_virtual_tokens"]
     shape = {"num_virtual_tokens": P, "num_transformer_submodules": 1, "num_layers": cfg.n_layers}
     if method == "prompt":
+        if options.get("position", "start") != "start":
+            raise ValueError(f"HF peft puts soft prompts before the input; position={options['position']!r} has no "
+                             f"peft equivalent: save it with format='lmstack'")
         config = {**common, **shape, "token_dim": cfg.dim, "num_attention_heads": cfg.n_heads,
                   "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None}
         return config, {"prompt_embeddings": tensors["virtual_embeds.weight"]}

@@ -17,7 +17,10 @@ Design, every choice in one place (all of them set by ``ModelConfig``):
 - extension point, inert by default: every sequence may start with ``virtual_tokens`` learned
   positions (soft prompts, per-layer prefix keys/values; ``lmstack.peft`` sets them by module
   replacement). Real tokens' RoPE positions start after them, padding masks and the KV cache get
-  columns for them, and logits never include them
+  columns for them, and logits never include them. Or learned vectors may sit inside the text:
+  with ``soft_tokens`` set, an input id -1-k stands for row k of ``soft_tokens.weight`` (prompt
+  tuning placed before the answer, as P-tuning's templates place them); these are ordinary
+  positions, so packing, caching and positions need nothing special
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class Transformer(nn.Module):
         # themselves (``AttnContext.virtual``).
         self.virtual_tokens = 0
         self.virtual_embeds: nn.Module | None = None
+        # Soft tokens inside the text (module docstring): a module whose ``weight`` (n, dim) holds the
+        # vectors that input ids -1 ... -n stand for. None: every input id must be a vocabulary id.
+        self.soft_tokens: nn.Module | None = None
         cos, sin = self.rope_buffers(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -190,7 +196,7 @@ class Transformer(nn.Module):
             key_valid = cache.mark(B, lead + T, pad_mask) if cache is not None else pad_mask
         ctx = AttnContext(cos=cos, sin=sin, cache=cache, seqs=seqs, key_valid=key_valid, backend=self.attn_backend,
                           virtual=lead - inject, slots=cache_slots)
-        x = self.embed_tokens(input_ids)  # (B, T, dim)
+        x = self.embed(input_ids)  # (B, T, dim)
         if inject:
             x = torch.cat([self.virtual_embeds(B).to(x.dtype), x], dim=1)  # (B, inject + T, dim)
         for layer in self.layers:
@@ -202,6 +208,16 @@ class Transformer(nn.Module):
         h = self.norm(x)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, vocab)
         return (logits, h) if return_hidden else logits
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B, T, dim): the token embedding, and with ``soft_tokens`` the learned
+        vector -1-id where an id is negative."""
+        if self.soft_tokens is None:
+            return self.embed_tokens(input_ids)
+        table = self.soft_tokens.weight  # (n, dim)
+        x = self.embed_tokens(input_ids.clamp(min=0))
+        soft = table[(-1 - input_ids).clamp(0, table.shape[0] - 1)]  # (B, T, dim); used where id < 0
+        return torch.where((input_ids < 0).unsqueeze(-1), soft.to(x.dtype), x)
 
     def virtual_positions(self, positions, seqs, start: int, lead: int, inject: int, T: int, device) -> torch.Tensor:
         """RoPE positions of this call's rows when the model has ``virtual_tokens``: those of the T

@@ -16,8 +16,9 @@ prefix         per-layer key/value prefixes through an     num_virtual_tokens=20
                                                            init_token_ids | init_text + tokenizer
 ptuning_v2     per-layer key/value prefixes (prefix)       num_virtual_tokens=20, init_token_ids |
                                                            init_text + tokenizer
-prompt         a soft prompt before the input (prompt)     num_virtual_tokens=20, init_token_ids |
-                                                           init_text + tokenizer
+prompt         a soft prompt before the input, or before   num_virtual_tokens=20, init_token_ids |
+               the answer (prompt)                         init_text + tokenizer, position="start" |
+                                                           "end" (placeholder ids: soft_prompt_ids)
 ia3            learned scales of k, v and the FFN          target_modules=("k_proj", "v_proj",
                activation (ia3)                            "down_proj"), feedforward_modules=
                                                            ("down_proj",)
@@ -105,6 +106,22 @@ def apply(model: nn.Module, method: str, **options) -> nn.Module:
     return model
 
 
+def soft_prompt_ids_of(method: str, options: dict) -> list[int]:
+    """The placeholder ids -1 ... -n that ``apply(model, method, **options)`` makes stand for a soft
+    prompt inside the text (prompt tuning with ``position="end"``), to put before each answer;
+    [] for every other method and layout."""
+    if method != "prompt":
+        return []
+    full = options_of(method, options)
+    return [-1 - k for k in range(full["num_virtual_tokens"])] if full["position"] == "end" else []
+
+
+def soft_prompt_ids(model: nn.Module) -> list[int]:
+    """``soft_prompt_ids_of`` the model's adapter ([] without one)."""
+    cfg = getattr(model, "peft_config", None)
+    return [] if cfg is None else soft_prompt_ids_of(cfg["method"], cfg["options"])
+
+
 def _require(model: nn.Module) -> str:
     method = method_of(model)
     if method is None:
@@ -149,6 +166,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     mods = [m for m in model.modules() if isinstance(m, AdapterModule)]
     if any(getattr(m, "merged", False) for m in mods):
         raise ValueError("disable_adapters on a merged model: unmerge(model) first")
+    if getattr(model, "soft_tokens", None) is not None:
+        raise ValueError("a soft prompt placed inside the text (position='end') has no base-model equivalent: its "
+                         "placeholder ids are not tokens; drop them (keep ids >= 0) to run the base model")
     saved = model.virtual_tokens
     try:
         for m in mods:
@@ -232,6 +252,7 @@ def _drop_adapters(model: nn.Module) -> None:
         del model.prefix_encoder
     model.virtual_embeds = None
     model.virtual_tokens = 0
+    model.soft_tokens = None
     for p in model.parameters():
         p.requires_grad_(True)
     del model.peft_config
@@ -241,5 +262,6 @@ from .saving import load_adapter, save_adapter  # noqa: E402  (uses the helpers 
 
 __all__ = [
     "METHODS", "apply", "trainable_parameters", "adapter_parameters", "adapter_state_dict", "disable_adapters",
-    "merge", "unmerge", "fold", "merge_and_unload", "unload", "save_adapter", "load_adapter",
+    "merge", "unmerge", "fold", "merge_and_unload", "unload", "save_adapter", "load_adapter", "soft_prompt_ids",
+    "soft_prompt_ids_of",
 ]

@@ -5,7 +5,15 @@ front of every input sequence; every model weight stays frozen. Initialising the
 the embeddings of real vocabulary tokens (e.g. a task description) trains faster and more stably
 than random init. The virtual tokens occupy the first positions of every sequence: they go
 through every layer like tokens, sit in the KV cache, and are dropped from the logits (the model's
-``virtual_tokens`` / ``virtual_embeds`` extension point does that).
+``virtual_tokens`` / ``virtual_embeds`` extension point does that). This is HF peft's layout.
+
+``position="end"`` puts the soft prompt at the end of the prompt instead, right before the answer,
+as the continuous prompts of P-tuning (Liu et al. 2021, "GPT Understands, Too") sit inside the
+template. The input then carries placeholder ids -1 ... -n there (``lmstack.peft.soft_prompt_ids``):
+the data pipeline inserts them before every reply it trains on or generates, and the model's
+``embed`` swaps in the learned vectors (the ``soft_tokens`` extension point). The frozen model reads them
+next to the answer, after the whole input, instead of from the far end of the context, and they
+are ordinary positions: packed rows, the KV cache and every decoding path work unchanged.
 
 Trainable parameters: num_virtual_tokens * dim.
 """
@@ -16,6 +24,8 @@ import torch
 from torch import nn
 
 from .common import AdapterModule, like
+
+POSITIONS = ("start", "end")
 
 
 class SoftPrompt(AdapterModule):
@@ -60,12 +70,16 @@ def apply_prompt(
     init_token_ids=None,
     init_text: str | None = None,
     tokenizer=None,
+    position: str = "start",
 ) -> None:
     """Give the model a soft prompt of ``num_virtual_tokens`` vectors: copies of the embeddings of
     ``init_token_ids`` (or of ``tokenizer.encode(init_text)``), repeated to length, else random
-    rows of the embedding matrix' scale (N(0, std of the embeddings))."""
+    rows of the embedding matrix' scale (N(0, std of the embeddings)). ``position``: "start"
+    (before the input) or "end" (before the answer; module docstring)."""
     if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
         raise ValueError(f"num_virtual_tokens={num_virtual_tokens!r} must be an integer >= 1")
+    if position not in POSITIONS:
+        raise ValueError(f"position={position!r} is not one of {', '.join(map(repr, POSITIONS))}")
     emb = model.embed_tokens.weight  # (vocab, dim)
     init_token_ids = token_ids_of(init_token_ids, init_text, tokenizer, emb.shape[0])
     prompt = SoftPrompt(num_virtual_tokens, emb.shape[1], emb)
@@ -75,5 +89,8 @@ def apply_prompt(
             prompt.weight.copy_(emb[torch.tensor(ids, device=emb.device)])
         else:
             prompt.weight.normal_(0.0, float(emb.float().std()))
-    model.virtual_embeds = prompt
-    model.virtual_tokens = num_virtual_tokens
+    if position == "end":
+        model.soft_tokens = prompt
+    else:
+        model.virtual_embeds = prompt
+        model.virtual_tokens = num_virtual_tokens

@@ -52,16 +52,17 @@ def save_adapter(model: nn.Module, out_dir: str | Path, format: str = "lmstack")
         raise ValueError(f"unknown adapter format {format!r}; valid: {FORMATS}")
     if any(getattr(m, "merged", False) for m in model.modules()):
         raise ValueError("the adapter is merged into the base weights; unmerge(model) before saving it")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     options = model.peft_config["options"]
     with torch.no_grad():
         tensors, folded = _saved_tensors(model)
         if format == "lmstack":
-            _write(out, tensors, {"method": method, "options": options, "folded": folded}, CONFIG, WEIGHTS)
+            files = tensors, {"method": method, "options": options, "folded": folded}, CONFIG, WEIGHTS
         else:
-            config, peft_tensors = to_peft(method, options, tensors, model.config)
-            _write(out, peft_tensors, config, PEFT_CONFIG, PEFT_WEIGHTS)
+            config, peft_tensors = to_peft(method, options, tensors, model.config)  # raises before anything is written
+            files = peft_tensors, config, PEFT_CONFIG, PEFT_WEIGHTS
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out, *files)
     return out
 
 

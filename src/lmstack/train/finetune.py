@@ -42,7 +42,7 @@ from .objectives import IGNORE_INDEX, causal_lm_loss
 from .trainer import Trainer, TrainConfig
 
 METHODS = ("full", *peft.METHODS)
-VIRTUAL_TOKEN_METHODS = ("prefix", "ptuning_v2", "prompt")  # extra leading positions: no packing
+VIRTUAL_TOKEN_METHODS = ("prefix", "ptuning_v2", "prompt")  # extra leading positions (prompt: by default)
 TRAINABLE_FILE = "trainable.safetensors"
 _PRETRAINING_ONLY = {"model": "tiny", "model_overrides": {}, "doc_mask": False}  # the base decides these
 
@@ -58,7 +58,8 @@ class FinetuneConfig(TrainConfig):
     method_options: dict[str, Any] = field(default_factory=dict)  # passed to lmstack.peft.apply, e.g. {r: 8}
     template: str = "alpaca"  # prompt template for Alpaca records: alpaca | plain
     packing: bool | None = None  # several examples per row, kept apart by document masks; None: on, except
-    # for the methods with virtual tokens (prefix, ptuning_v2, prompt), which cannot be packed
+    # for the methods with leading virtual tokens (prefix, ptuning_v2, prompt at position start), which
+    # cannot be packed
     epochs: float | None = None  # when set, max_steps = ceil(epochs * batches per epoch / grad_accum)
     eval_split: str | None = "test"  # held-out split for the periodic response loss; null = none
     max_steps: int = 300
@@ -82,13 +83,19 @@ class FinetuneConfig(TrainConfig):
             raise ValueError(f"method_options={self.method_options!r} must be a mapping of option: value")
         if self.template not in TEMPLATES:
             raise ValueError(f"template={self.template!r} is not supported; valid: {', '.join(TEMPLATES)}")
+        leading = self.method in VIRTUAL_TOKEN_METHODS and not self.soft_ids()
         if self.packing is None:
-            self.packing = self.method not in VIRTUAL_TOKEN_METHODS
-        elif self.packing and self.method in VIRTUAL_TOKEN_METHODS:
-            raise ValueError(f"method={self.method} adds virtual tokens, which packed rows cannot share; "
-                             f"set packing=false")
+            self.packing = not leading
+        elif self.packing and leading:
+            alt = " (or put the soft prompt before the answer: position=end)" if self.method == "prompt" else ""
+            raise ValueError(f"method={self.method} adds leading virtual tokens, which packed rows cannot share; "
+                             f"set packing=false{alt}")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"epochs={self.epochs} must be > 0 (or null to use max_steps)")
+
+    def soft_ids(self) -> list[int]:
+        """Placeholder ids the method's soft prompt puts before every answer (``peft.soft_prompt_ids_of``)."""
+        return [] if self.method == "full" else peft.soft_prompt_ids_of(self.method, self.method_options)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
@@ -163,13 +170,14 @@ class Finetuner(Trainer):
         if cfg.seq_len > limit:
             raise ValueError(f"seq_len={cfg.seq_len} exceeds the base model's max_seq_len={limit}")
         self.pad_id = pad_id_of(self.tokenizer)
-        train = encode_examples(load_split(cfg.data, "train"), self.tokenizer, cfg.seq_len, cfg.template)
+        soft = cfg.soft_ids()
+        train = encode_examples(load_split(cfg.data, "train"), self.tokenizer, cfg.seq_len, cfg.template, soft)
         self.batches = InstructBatches(train, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=self.pad_id,
                                        packing=cfg.packing, seed=cfg.seed)
         self.val_items: list[TokenizedExample] = []
         if cfg.eval_split and has_split(cfg.data, cfg.eval_split):
             self.val_items = encode_examples(load_split(cfg.data, cfg.eval_split), self.tokenizer, cfg.seq_len,
-                                             cfg.template)
+                                             cfg.template, soft)
         if cfg.epochs is not None:
             steps = max(1, math.ceil(cfg.epochs * len(self.batches) / cfg.grad_accum))
             self.cfg = dataclasses.replace(cfg, max_steps=steps)

@@ -18,6 +18,7 @@ import torch
 from ..data.instruct import IGNORE_INDEX, Example, encode_example, encode_prompt, pad_batch, pad_id_of
 from ..data.tokenizer import Tokenizer
 from ..model import eval_mode
+from ..peft import soft_prompt_ids
 
 _EDGE_PUNCT = " \t\n.,;:!?\"'`"
 
@@ -50,7 +51,8 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequen
     if room < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
                          f"of {model.config.max_seq_len} tokens")
-    prompts = [encode_prompt(ex, tokenizer, template) for ex in examples]
+    soft = soft_prompt_ids(model)  # a soft prompt inside the text goes before every answer
+    prompts = [encode_prompt(ex, tokenizer, template, soft) for ex in examples]
     cut = sum(len(p) > room for p in prompts)
     if cut:
         warnings.warn(f"{cut} of {len(prompts)} prompts are longer than the {room} tokens the context leaves after "
@@ -90,7 +92,7 @@ def answer_loss(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequence
     """
     if not examples:
         raise ValueError("no examples to score")
-    items = [encode_example(ex, tokenizer, template) for ex in examples]
+    items = [encode_example(ex, tokenizer, template, soft_prompt_ids(model)) for ex in examples]
     room = model.config.max_seq_len - getattr(model, "virtual_tokens", 0)
     too_long = [i for i, t in enumerate(items) if t.n_inputs > room]
     if too_long:
