@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, meta, publish  # noqa: E402
+from common import ROOT, meta, publish, update_docs  # noqa: E402
 
 # row -> (method, learning rate, options for lmstack.peft.apply). Larger rates for the methods with
 # fewer, more constrained parameters, as their papers use (LoRA at 3e-2 diverges on this model).
@@ -150,6 +150,7 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--keep", action="store_true", help="keep the other methods' rows of an earlier run with the "
                     "same budget")
+    ap.add_argument("--redraw", action="store_true", help="only redo the docs table and plot from the JSON")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--base-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -167,6 +168,11 @@ def main() -> int:
             raise SystemExit(f"{' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
         return json.loads(lines[-1].removeprefix("RESULT "))
 
+    if args.redraw:
+        results = json.loads((ROOT / "bench" / "results" / "peft_methods.json").read_text())
+        update_docs("peft_methods", render(results))
+        print(f"plot: {plot(results, ROOT / 'docs' / 'img' / 'peft_methods.png')}")
+        return 0
     budget = {k: getattr(args, k) for k in BUDGET}
     results = {"meta": meta(), **budget, "base": None, "methods": {}}
     old = ROOT / "bench" / "results" / "peft_methods.json"
@@ -208,7 +214,7 @@ def render(r: dict) -> str:
         "| answer loss: first / rest / end token |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, x in r["methods"].items():
+    for name, x in ranked(r):
         lines.append(
             f"| {LABELS.get(name, name)}{' (init from text)' if x.get('init_from_text') else ''} | {x['lr']:g} "
             f"| {'packed' if x['packed'] else 'padded'} | {x['trainable_params']:,} "
@@ -220,6 +226,11 @@ def render(r: dict) -> str:
               f"(`lmstack.train.answer_loss`): the first answer token, the rest of the answer, and the end-of-text "
               f"token that stops generation. Base model: {_losses(b)}."]
     return "\n".join(lines)
+
+
+def ranked(r: dict) -> list[tuple[str, dict]]:
+    """The rows from the least to the most accurate."""
+    return sorted(r["methods"].items(), key=lambda kv: kv[1]["accuracy"])
 
 
 def _pretrained(b: dict) -> str:
@@ -241,17 +252,18 @@ def plot(r: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(r["methods"])
+    rows = ranked(r)
     total = r["base"]["total_params"]
     series = [("all", "accuracy", None), ("which play", "by_kind", "play"), ("who speaks", "by_kind", "speaker")]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 1.5, 4.2))
     width = 0.27
     for i, (label, key, kind) in enumerate(series):
-        vals = [100 * (x[key] if kind is None else x[key].get(kind, 0.0)) for x in r["methods"].values()]
-        ax.bar([j + (i - 1) * width for j in range(len(names))], vals, width, label=label)
+        vals = [100 * (x[key] if kind is None else x[key].get(kind, 0.0)) for _, x in rows]
+        ax.bar([j + (i - 1) * width for j in range(len(rows))], vals, width, label=label)
     ax.axhline(100 * r["base"]["accuracy"], color="black", lw=1, ls="--", label="base model")
-    ax.set_xticks(range(len(names)),
-                  [f"{n}\n{100 * x['trainable_params'] / total:.3g}% trained" for n, x in r["methods"].items()])
+    ticks = [LABELS.get(n, n).replace(", ", "\n") + f"\n{100 * x['trainable_params'] / total:.3g}% trained"
+             for n, x in rows]
+    ax.set_xticks(range(len(rows)), ticks, fontsize=8)
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title(f"{r['epochs']:g} epochs of the Shakespeare task, {r['base']['total_params'] / 1e6:.1f}M-parameter base")
     ax.legend()
