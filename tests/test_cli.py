@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
+import lmstack
 from lmstack.cli import build_train_config, main, read_recipe, recipe_kind
+from lmstack.train import load_checkpoint
 
 from .data.fake_plays import fake_sdist
 
@@ -112,6 +114,32 @@ def test_peft_finetune_and_eval_with_adapter(base_run, tmp_path, capsys):
     assert main(["eval", "--quiet", "--checkpoint", str(ft), "--limit", "2", "--out", str(out_file)]) == 0
     assert json.loads(out_file.read_text())["total"] == 2
     assert main(["generate", "--checkpoint", str(ft), "--prompt", "Who?", "--max-new-tokens", "3", "--seed", "0"]) == 0
+
+
+def test_prompt_tuned_before_the_answer_from_the_command_line(base_run, tmp_path, capsys):
+    """finetune with position=end, then eval and generate put the placeholders after the prompt."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "Who?", "input": f"my lord {i}", "output": "LORD"}) + "\n"
+                            for i in range(6)))
+    ft = tmp_path / "pt"
+    assert main(["finetune", "--quiet", "--method", "prompt", "--base", str(base_run), "--data", str(data),
+                 "--out", str(ft), "max_steps=2", "seq_len=64", "batch_size=2", "method_options.num_virtual_tokens=3",
+                 "method_options.position=end", "template=plain"]) == 0
+    out_file = tmp_path / "scores.json"
+    assert main(["eval", "--quiet", "--checkpoint", str(ft), "--data", str(data), "--limit", "3",
+                 "--out", str(out_file)]) == 0
+    assert json.loads(out_file.read_text())["total"] == 3
+    model, tok = load_checkpoint(ft)
+    prompt = tok.encode("Who? my")
+    seq = lmstack.generate(model, [prompt + [-1, -2, -3]], max_new_tokens=5, eos_token_id=tok.stop_ids or None)
+    new = seq.sequences[0, len(prompt) + 3:].tolist()
+    capsys.readouterr()
+    argv = ["generate", "--checkpoint", str(ft), "--prompt", "Who? my", "--max-new-tokens", "5", "--temperature", "0"]
+    assert main(argv + ["--no-stream"]) == 0
+    assert capsys.readouterr().out == tok.decode(prompt + new) + "\n"
+    if not set(new) & set(tok.stop_ids or []):  # streaming stops before a stop id; without one it shows the same
+        assert main(argv) == 0
+        assert capsys.readouterr().out == tok.decode(prompt + new) + "\n"
 
 
 @pytest.mark.parametrize(

@@ -259,6 +259,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from .generate import generate, generate_stream
+    from .peft import soft_prompt_ids
 
     model, tok = _load_for_generation(args)
     prompt = args.prompt.replace("\\n", "\n")
@@ -277,6 +278,7 @@ def cmd_generate(args) -> int:
             ids = [tok.bos_id] + ids
     if not ids:
         raise ValueError("the prompt is empty; pass some text with --prompt")
+    ids = ids + soft_prompt_ids(model)  # a soft prompt trained before the answer goes last (else nothing)
     kw = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         typical_p=args.typical_p, repetition_penalty=args.repetition_penalty, eos_token_id=tok.stop_ids or None,
@@ -285,8 +287,8 @@ def cmd_generate(args) -> int:
     if args.no_stream:
         out = generate(model, torch.tensor([ids], device=next(model.parameters()).device),
                        max_new_tokens=args.max_new_tokens, **kw)
-        # the prompt and its continuation; with a chat template, the reply alone
-        print(tok.decode(out.sequences[0, len(ids) if chat else 0:].tolist()))
+        # the prompt and its continuation; with a chat template, the reply alone (never soft-prompt placeholders)
+        print(tok.decode([t for t in out.sequences[0, len(ids) if chat else 0:].tolist() if t >= 0]))
         return 0
     stream = generate_stream(model, ids, max_new_tokens=args.max_new_tokens, **kw)  # checks arguments first
     if not chat:
