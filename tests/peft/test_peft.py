@@ -246,6 +246,15 @@ def test_unmergeable_methods_refuse(method):
         peft.merge_and_unload(m)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_to_hf_refuses_an_adapted_model(tmp_path, method):
+    """Its adapter tensors have no HF names; nothing is written."""
+    _, m = adapted(method)
+    with pytest.raises(ValueError, match=f"has a '{method}' adapter; to_hf writes plain models"):
+        lmstack.to_hf(m, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_fold_prefix_is_exact(seed):
     _, m = adapted("prefix")
     x = torch.randint(0, V, (2, 9))

@@ -172,6 +172,10 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
 def to_hf(model: Transformer, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30,
           tokenizer_dir: str | Path | None = None) -> Path:
     """Write ``model`` as an HF checkpoint directory (atomically; sharded above ``max_shard_bytes``)."""
+    method = (getattr(model, "peft_config", None) or {}).get("method")
+    if method is not None:  # its tensors would be written under names no HF model has
+        raise ValueError(f"the model has a {method!r} adapter; to_hf writes plain models: merge_and_unload() it "
+                         f"(LoRA, IA3) or save it apart with lmstack.peft.save_adapter")
     cfg = model.config
     sd = {_hf_name(k): v for k, v in model.stored_state_dict().items()}
     dtype = next(iter(sd.values())).dtype

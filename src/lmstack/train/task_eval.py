@@ -92,7 +92,8 @@ def answer_loss(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequence
     """
     if not examples:
         raise ValueError("no examples to score")
-    items = [encode_example(ex, tokenizer, template, soft_prompt_ids(model)) for ex in examples]
+    soft = soft_prompt_ids(model)
+    items = [encode_example(ex, tokenizer, template, soft) for ex in examples]
     room = model.config.max_seq_len - getattr(model, "virtual_tokens", 0)
     too_long = [i for i, t in enumerate(items) if t.n_inputs > room]
     if too_long:
