@@ -11,10 +11,12 @@ import torch
 import lmstack
 import lmstack.peft as peft
 from lmstack.data.instruct import IGNORE_INDEX, Example, encode_example, encode_prompt
+from lmstack.generate.decode import left_pad
 from lmstack.generate.sampling import apply_repetition_penalty
 from tests.hf_models import no_special_tokens, tiny_hf
 
 N = 4  # soft tokens
+SOFT = [-1 - k for k in range(N)]  # their placeholder ids
 
 
 def with_soft_prompt(m, n=N, seed=0):
@@ -38,8 +40,7 @@ def sample_ids(B, T, seed):
     ids = torch.randint(0, 128, (B, T), generator=g)
     for b in range(B):
         at = int(torch.randint(0, T - N + 1, (1,), generator=g))
-        ids[b, at : at + N] = torch.tensor(peft.soft_prompt_ids_of("prompt", {"num_virtual_tokens": N,
-                                                                               "position": "end"}))
+        ids[b, at : at + N] = torch.tensor(SOFT)
     return ids
 
 
@@ -72,11 +73,10 @@ def test_greedy_ragged_batch_equals_hf_generate_on_inputs_embeds(seed):
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 127, (n,), generator=g).tolist() + peft.soft_prompt_ids(m) for n in (3, 9, 6)]
     out = lmstack.generate(m, prompts, max_new_tokens=8, pad_token_id=127).sequences
-    T = max(len(p) for p in prompts)
-    ids = torch.tensor([[127] * (T - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    ids, mask = left_pad(prompts, 127)
+    T = ids.shape[1]
     with torch.no_grad():
-        new = hf.generate(inputs_embeds=hf_embeds(hf, m, ids), attention_mask=mask, max_new_tokens=8,
+        new = hf.generate(inputs_embeds=hf_embeds(hf, m, ids), attention_mask=mask.long(), max_new_tokens=8,
                           do_sample=False, pad_token_id=127)
     assert torch.equal(out[:, T:], new)
     assert torch.equal(out[:, :T], ids)
@@ -103,7 +103,7 @@ def test_adapter_api(tmp_path, seed):
     m = with_soft_prompt(copy.deepcopy(base), seed=seed)
     assert peft.trainable_parameters(m) == N * base.config.dim
     assert list(peft.adapter_state_dict(m)) == ["soft_tokens.weight"] and m.virtual_tokens == 0
-    assert peft.soft_prompt_ids(m) == [-1, -2, -3, -4] and peft.soft_prompt_ids(base) == []
+    assert peft.soft_prompt_ids(m) == SOFT == [-1, -2, -3, -4] and peft.soft_prompt_ids(base) == []
     assert peft.soft_prompt_ids_of("prompt", {"num_virtual_tokens": 2}) == []  # position start: none
     assert peft.soft_prompt_ids_of("lora", {}) == []
     ids = sample_ids(2, 10, seed)
