@@ -6,14 +6,19 @@ out_dir=runs/shakespeare-base`), since on the 500-step `make demo` model the PEF
 0%. The task is `lmstack prepare shakespeare-tasks` ("Which play is this passage from?" / "Who
 speaks the lines marked ???", held out by passage). The budget is the same for every method:
 ``--epochs`` passes over the same 4,000 training questions with the "plain" prompt template. Methods
-that keep the sequence as it is (full, lora, adapter, ia3) pack about two examples per row, kept
-apart by document masks; the ones that add leading virtual tokens (prefix, ptuning_v2, prompt before
-the input) cannot share a row between examples, so they take one padded example per row, twice the
-optimizer steps on half-full rows. Prompt tuning runs a second time with the soft prompt before the
-answer (``position="end"``), whose placeholders are part of each example, so its rows pack. Each
-method uses the learning rate and options in METHODS, then answers the held-out questions greedily;
-the score is exact match. Each method runs in its own process so its peak memory is its own: peak
-RSS growth over the loaded base model and data (CPU) or peak allocated memory (CUDA).
+that keep the sequence as it is (full, lora, adapter, ia3, and prompt tuning, whose soft prompt sits
+before the answer as P-tuning's templates place it, ``position="end"``) pack about two examples per
+row, kept apart by document masks; prefix and ptuning_v2 add leading virtual tokens, which packed
+rows cannot share, so they take one padded example per row, twice the optimizer steps on half-full
+rows. Each method uses the learning rate and options in METHODS, then answers the held-out
+questions greedily; the score is exact match. Each method runs in its own process so its peak
+memory is its own: peak RSS growth over the loaded base model and data (CPU) or peak allocated
+memory (CUDA).
+
+ABLATIONS are variants that are not a method's best setting, run only when named in ``--methods``
+and shown in a table of their own: prompt tuning with the soft prompt before the input (Lester et
+al.'s layout, the one HF peft loads), which on this 3M-parameter base learns one answer for every
+question.
 
 Writes bench/results/peft_methods.json and a table in docs/benchmarks.md after every method.
 ``--methods a,b --keep`` reruns only those methods and keeps the other rows of an earlier run with
@@ -26,6 +31,7 @@ which shows where a method that scores 0% fails.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import subprocess
@@ -43,8 +49,8 @@ from common import ROOT, meta, publish, update_docs  # noqa: E402
 # fewer, more constrained parameters, as their papers use (LoRA at 3e-2 diverges on this model).
 # Prompt, prefix and P-tuning v2 start from this text (lmstack.peft: the soft prompt from its token
 # embeddings, the prefixes from the keys/values the base model computes for it), not from noise.
-# Prompt tuning runs twice: the soft prompt before the input (Lester et al., HF peft's layout) and
-# before the answer (position="end", where P-tuning's templates put continuous prompts).
+# Prompt tuning puts its soft prompt before the answer (position="end", where P-tuning's templates put
+# continuous prompts); before the input (HF peft's layout) it is an ablation: 0% on this base.
 INIT_TEXT = "Which play is this passage from? Who speaks these lines?"
 METHODS: dict[str, tuple[str, float, dict]] = {
     "full": ("full", 1e-3, {}),
@@ -52,11 +58,13 @@ METHODS: dict[str, tuple[str, float, dict]] = {
     "adapter": ("adapter", 5e-3, {"bottleneck": 32}),
     "prefix": ("prefix", 1e-2, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
     "ptuning_v2": ("ptuning_v2", 1e-1, {"num_virtual_tokens": 16, "init_text": INIT_TEXT}),
-    "prompt": ("prompt", 3e-2, {"num_virtual_tokens": 64, "init_text": INIT_TEXT}),  # 16 tokens: 0%
-    "prompt-end": ("prompt", 3e-2, {"num_virtual_tokens": 64, "init_text": INIT_TEXT, "position": "end"}),  # 16: 2.0%
+    "prompt": ("prompt", 3e-2, {"num_virtual_tokens": 64, "init_text": INIT_TEXT, "position": "end"}),  # 16: 2.0%
     "ia3": ("ia3", 3e-2, {}),
 }
-LABELS = {"prompt": "prompt, before the input", "prompt-end": "prompt, before the answer"}
+ABLATIONS: dict[str, tuple[str, float, dict]] = {
+    "prompt-start": ("prompt", 3e-2, {"num_virtual_tokens": 64, "init_text": INIT_TEXT}),  # lr 3e-3: 0% too
+}
+LABELS = {"prompt": "prompt, before the answer", "prompt-start": "prompt, before the input"}
 BUDGET = ("epochs", "batch", "seq_len", "eval_n", "template")  # what must match for --keep
 
 
@@ -74,7 +82,7 @@ def run_one(args) -> dict:
     from lmstack.train.task_eval import answer_loss, evaluate_task
 
     torch.set_num_threads(args.threads)
-    method, lr, options = METHODS[args.one]
+    method, lr, options = {**METHODS, **ABLATIONS}[args.one]
     out = Path(tempfile.mkdtemp(prefix=f"peft-{args.one}-"))
     # the context holds leading virtual tokens too: rows get that much shorter (a soft prompt before the
     # answer is part of each example instead)
@@ -108,8 +116,16 @@ def run_one(args) -> dict:
         "peak_mem_mb": peak, "step_ms": 1e3 * statistics.median(times) if times else float("nan"),
         "final_loss": steps[-1]["loss"] if steps else float("nan"),
         "accuracy": acc["accuracy"], "by_kind": {k: v["accuracy"] for k, v in acc["by_kind"].items()},
-        "answer_loss": nll,
+        "answer_loss": nll, **answer_spread(acc["predictions"]),
     }
+
+
+def answer_spread(predictions: list[dict]) -> dict:
+    """How many different answers a model gave, and its most common one with its count: a model that
+    answers every question alike has learned the answer format but nothing about the passage."""
+    counts = collections.Counter(p["prediction"] for p in predictions)
+    top, n = counts.most_common(1)[0]
+    return {"distinct_answers": len(counts), "top_answer": top, "top_answer_count": n}
 
 
 def base_accuracy(args) -> dict:
@@ -123,7 +139,7 @@ def base_accuracy(args) -> dict:
     examples = load_split(args.data, "test")[: args.eval_n]
     acc = evaluate_task(model, tok, examples, template=args.template)
     return {"accuracy": acc["accuracy"], "by_kind": {k: v["accuracy"] for k, v in acc["by_kind"].items()},
-            "answer_loss": answer_loss(model, tok, examples, template=args.template),
+            "answer_loss": answer_loss(model, tok, examples, template=args.template), **answer_spread(acc["predictions"]),
             "total_params": model.num_params(), "n_train": len(load_split(args.data, "train")),
             **pretraining(training_history(resolve_checkpoint(args.base)))}
 
@@ -174,21 +190,21 @@ def main() -> int:
         print(f"plot: {plot(results, ROOT / 'docs' / 'img' / 'peft_methods.png')}")
         return 0
     budget = {k: getattr(args, k) for k in BUDGET}
-    results = {"meta": meta(), **budget, "base": None, "methods": {}}
+    results = {"meta": meta(), **budget, "base": None, "methods": {}, "ablations": {}}
     old = ROOT / "bench" / "results" / "peft_methods.json"
     if args.keep and old.exists():
         prev = json.loads(old.read_text())
         if {k: prev.get(k) for k in BUDGET} != budget:
             raise SystemExit(f"--keep: {old} has another budget ({ {k: prev.get(k) for k in BUDGET} }); run all methods")
-        results.update(base=prev["base"], methods=prev["methods"])
+        results.update(base=prev["base"], methods=prev["methods"], ablations=prev.get("ablations", {}))
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m not in ABLATIONS]
     if unknown:
-        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}")
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join([*METHODS, *ABLATIONS])}")
     results["base"] = child("--base-only")  # a minute; always from this commit
     print(f"base: accuracy {results['base']['accuracy']:.3f}", flush=True)
     for m in methods:
-        results["methods"][m] = r = child("--one", m)
+        results["ablations" if m in ABLATIONS else "methods"][m] = r = child("--one", m)
         print(f"{m}: accuracy {r['accuracy']:.3f}, {r['trainable_params']:,} trainable, "
               f"{r['step_ms']:.0f} ms/step, peak +{r['peak_mem_mb']:.0f} MB", flush=True)
         # after every method, so an interrupted run keeps what it finished (rerun the rest with --keep)
@@ -206,15 +222,30 @@ def render(r: dict) -> str:
         f"exact match on {r['eval_n']} held-out questions (before: {b['accuracy']:.1%}, "
         f"which play {b['by_kind'].get('play', 0):.1%}, who speaks {b['by_kind'].get('speaker', 0):.1%})",
         *([f"rows measured at more than one commit (--keep): "
-           + ", ".join(f"{n} {x.get('commit', '?')}" for n, x in r["methods"].items())]
-          if len({x.get("commit") for x in r["methods"].values()}) > 1 else []),
+           + ", ".join(f"{n} {x.get('commit', '?')}" for n, x in rows(r))]
+          if len({x.get("commit") for _, x in rows(r)}) > 1 else []),
         "",
+        *table(r, ranked(r["methods"])),
+        "",
+        f"Answer loss: teacher-forced loss of the held-out reference answers in nats per token "
+        f"(`lmstack.train.answer_loss`): the first answer token, the rest of the answer, and the end-of-text "
+        f"token that stops generation. Base model: {_losses(b)}.",
+    ]
+    if r.get("ablations"):
+        lines += ["", "Ablations (same budget and base; not a method's best setting):", "",
+                  *table(r, ranked(r["ablations"]))]
+    return "\n".join(lines)
+
+
+def table(r: dict, named_rows: list[tuple[str, dict]]) -> list[str]:
+    b = r["base"]
+    lines = [
         "| method | lr | rows | trainable params | % of model | peak memory (MB over the loaded model) "
         "| steps | step time (ms) | train time (s) | accuracy before | accuracy after | which play | who speaks "
         "| answer loss: first / rest / end token |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, x in ranked(r):
+    for name, x in named_rows:
         lines.append(
             f"| {LABELS.get(name, name)}{' (init from text)' if x.get('init_from_text') else ''} | {x['lr']:g} "
             f"| {'packed' if x['packed'] else 'padded'} | {x['trainable_params']:,} "
@@ -222,15 +253,17 @@ def render(r: dict) -> str:
             f"| {x['step_ms']:.0f} | {x['train_s']:.0f} | {b['accuracy']:.1%} | **{x['accuracy']:.1%}** "
             f"| {x['by_kind'].get('play', float('nan')):.1%} | {x['by_kind'].get('speaker', float('nan')):.1%} "
             f"| {_losses(x)} |")
-    lines += ["", f"Answer loss: teacher-forced loss of the held-out reference answers in nats per token "
-              f"(`lmstack.train.answer_loss`): the first answer token, the rest of the answer, and the end-of-text "
-              f"token that stops generation. Base model: {_losses(b)}."]
-    return "\n".join(lines)
+    return lines
 
 
-def ranked(r: dict) -> list[tuple[str, dict]]:
+def rows(r: dict) -> list[tuple[str, dict]]:
+    """Every measured row, methods and ablations."""
+    return [*r["methods"].items(), *r.get("ablations", {}).items()]
+
+
+def ranked(named: dict) -> list[tuple[str, dict]]:
     """The rows from the least to the most accurate."""
-    return sorted(r["methods"].items(), key=lambda kv: kv[1]["accuracy"])
+    return sorted(named.items(), key=lambda kv: kv[1]["accuracy"])
 
 
 def _pretrained(b: dict) -> str:
@@ -252,7 +285,7 @@ def plot(r: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = ranked(r)
+    rows = ranked(r["methods"])
     total = r["base"]["total_params"]
     series = [("all", "accuracy", None), ("which play", "by_kind", "play"), ("who speaks", "by_kind", "speaker")]
     fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 1.5, 4.2))
