@@ -28,7 +28,8 @@ case "$part" in
       2>&1 | tee "$OUT/tests.log"
     ;;
   attention)
-    python3 bench/attention.py 2>&1 | tee "$OUT/attention.log"
+    # TRITON_PRINT_AUTOTUNING: the log names the config each kernel chose (for the next tuning round)
+    TRITON_PRINT_AUTOTUNING=1 python3 bench/attention.py 2>&1 | tee "$OUT/attention.log"
     cp bench/results/attention.json docs/benchmarks.md "$OUT/"
     ;;
   decode)

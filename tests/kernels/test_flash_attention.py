@@ -71,6 +71,14 @@ CASES = {
     "window-two-sided": (1, 35, 35, 2, 1, 32, False, (5, 3)),
     "window-causal-q<k": (1, 30, 41, 2, 2, 32, True, (7, -1)),
     "window-empty-rows": (1, 26, 20, 2, 2, 32, False, (1, 1)),
+    # Lengths that are block multiples (16 in the interpreter) compile the masked tail loops away
+    # (EVEN): keys only, queries only, both, with and without a window or a causal mask.
+    "even-causal": (2, 32, 32, 2, 1, 32, True, (-1, -1)),
+    "even-full-gqa2": (1, 48, 48, 4, 2, 64, False, (-1, -1)),
+    "even-k-causal-q<k": (1, 21, 48, 2, 2, 32, True, (-1, -1)),
+    "even-q-causal-q>k-mqa2": (1, 48, 13, 2, 1, 32, True, (-1, -1)),  # first 35 rows see no key
+    "even-window-two-sided": (1, 32, 32, 2, 1, 32, False, (5, 3)),
+    "even-window-causal-q<k": (1, 16, 48, 2, 2, 32, True, (7, -1)),
 }
 
 

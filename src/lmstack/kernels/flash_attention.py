@@ -91,7 +91,10 @@ def _segments(t0, t_last, n_other, c_lo, c_hi, HAS_LO: tl.constexpr, HAS_HI: tl.
               BLOCK: tl.constexpr):
     """The rows t0..t_last see other-axis indices x with t + c_lo <= x <= t + c_hi, x < n_other.
     Returns lo <= a <= b <= hi, block-aligned from lo: blocks in [a, b) are visible to every row and
-    need no mask; blocks in [lo, a) and [b, hi) do (a = b = hi when no block is fully visible)."""
+    need no mask; blocks in [lo, a) and [b, hi) do. When no block is fully visible the whole range
+    goes to one masked segment: [lo, a) if there is a lower bound, else [b, hi). So [lo, a) is
+    empty without HAS_LO, and [b, hi) is empty without HAS_HI when n_other is a multiple of BLOCK:
+    the kernels compile those loops away (``EVEN``)."""
     lo = t0 * 0  # scalars as int32 tensors, like the runtime values that replace them below
     hi = n_other + t0 * 0
     a = lo
@@ -102,9 +105,11 @@ def _segments(t0, t_last, n_other, c_lo, c_hi, HAS_LO: tl.constexpr, HAS_HI: tl.
     if HAS_HI:
         hi = tl.minimum(t_last + c_hi + 1, n_other)
         b = tl.maximum(tl.minimum(t0 + c_hi + 1, n_other), 0) // BLOCK * BLOCK
-    no_full = a >= b
-    a = tl.where(no_full, hi, a)  # no unmasked segment: [lo, hi) is all masked
-    b = tl.where(no_full, hi, b)
+    if HAS_LO:  # no unmasked segment: [lo, hi) is all masked
+        no_full = a >= b
+        a = tl.where(no_full, hi, a)
+        b = tl.where(no_full, hi, b)
+    # else a = lo = 0 <= b, and with no unmasked block b = 0 already: [b, hi) is the whole range
     return lo, a, b, hi
 
 
@@ -180,6 +185,7 @@ def _fwd_kernel(
     seqlen_q, seqlen_k, group, qk_scale, left, right,
     D: tl.constexpr, D_PAD: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     # Grid (query blocks, Hq, batch); the last query blocks (the longest when causal) go first.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -209,15 +215,17 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     m_last = tl.minimum(m0 + BLOCK_M, len_q) - 1
     lo, a, bb, hi = _segments(m0, m_last, len_k, diff - left, diff + right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, sks, svs, rows, offs_n, offs_d, lo, a, len_q, len_k,
-                               diff, left, right, qk_scale, D, PAD_D, True, HAS_LEFT, HAS_RIGHT, BLOCK_N,
-                               PRECISION)
+    if HAS_LEFT:  # the masked blocks below the band
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, sks, svs, rows, offs_n, offs_d, lo, a, len_q, len_k,
+                                   diff, left, right, qk_scale, D, PAD_D, True, HAS_LEFT, HAS_RIGHT, BLOCK_N,
+                                   PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, sks, svs, rows, offs_n, offs_d, a, bb, len_q, len_k,
                                diff, left, right, qk_scale, D, PAD_D, False, HAS_LEFT, HAS_RIGHT, BLOCK_N,
                                PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, sks, svs, rows, offs_n, offs_d, bb, hi, len_q, len_k,
-                               diff, left, right, qk_scale, D, PAD_D, True, HAS_LEFT, HAS_RIGHT, BLOCK_N,
-                               PRECISION)
+    if HAS_RIGHT or not EVEN:  # the masked blocks above the band or past the end
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, sks, svs, rows, offs_n, offs_d, bb, hi, len_q, len_k,
+                                   diff, left, right, qk_scale, D, PAD_D, True, HAS_LEFT, HAS_RIGHT, BLOCK_N,
+                                   PRECISION)
 
     empty = l_i == 0.0  # no visible key: output 0, logsumexp -inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -288,6 +296,7 @@ def _bwd_kv_kernel(
     seqlen_q, seqlen_k, group, sm_scale, qk_scale, left, right,
     D: tl.constexpr, D_PAD: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     # Grid (key blocks, Hkv, batch): one program owns a K/V block and every query head reading it.
     pid_n = tl.program_id(0)
@@ -322,15 +331,17 @@ def _bwd_kv_kernel(
         DOh = DO + b64 * sdb + q_start.to(tl.int64) * sds + h * sdh
         LSEh = LSE + b64 * slb + h * slh + q_start
         DELTAh = DELTA + b64 * slb + h * slh + q_start
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqs, sds, cols, offs_m, offs_d, lo, a,
-                               len_q, len_k, diff, left, right, qk_scale, D, PAD_D, True, HAS_LEFT,
-                               HAS_RIGHT, BLOCK_M, PRECISION)
+        if HAS_RIGHT:  # the masked blocks below the band
+            dk, dv = _bwd_kv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqs, sds, cols, offs_m, offs_d, lo, a,
+                                   len_q, len_k, diff, left, right, qk_scale, D, PAD_D, True, HAS_LEFT,
+                                   HAS_RIGHT, BLOCK_M, PRECISION)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqs, sds, cols, offs_m, offs_d, a, bb,
                                len_q, len_k, diff, left, right, qk_scale, D, PAD_D, False, HAS_LEFT,
                                HAS_RIGHT, BLOCK_M, PRECISION)
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqs, sds, cols, offs_m, offs_d, bb, hi,
-                               len_q, len_k, diff, left, right, qk_scale, D, PAD_D, True, HAS_LEFT,
-                               HAS_RIGHT, BLOCK_M, PRECISION)
+        if HAS_LEFT or not EVEN:  # the masked blocks above the band or past the end
+            dk, dv = _bwd_kv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqs, sds, cols, offs_m, offs_d, bb, hi,
+                                   len_q, len_k, diff, left, right, qk_scale, D, PAD_D, True, HAS_LEFT,
+                                   HAS_RIGHT, BLOCK_M, PRECISION)
     _store_rows(DK, dk * sm_scale, cols, sdks, len_k, offs_d, D)
     _store_rows(DV, dv, cols, sdvs, len_k, offs_d, D)
 
@@ -362,6 +373,7 @@ def _bwd_q_kernel(
     seqlen_q, seqlen_k, group, sm_scale, qk_scale, left, right,
     D: tl.constexpr, D_PAD: tl.constexpr, VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     # Grid (query blocks, Hq, batch), like the forward.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -394,12 +406,14 @@ def _bwd_q_kernel(
     diff = len_k - len_q
     m_last = tl.minimum(m0 + BLOCK_M, len_q) - 1
     lo, a, bb, hi = _segments(m0, m_last, len_k, diff - left, diff + right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    dq = _bwd_q_inner(dq, q, do, lse2, delta, K, V, sks, svs, rows, offs_n, offs_d, lo, a, len_q, len_k, diff,
-                      left, right, qk_scale, D, PAD_D, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, PRECISION)
+    if HAS_LEFT:  # the masked blocks below the band
+        dq = _bwd_q_inner(dq, q, do, lse2, delta, K, V, sks, svs, rows, offs_n, offs_d, lo, a, len_q, len_k, diff,
+                          left, right, qk_scale, D, PAD_D, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, PRECISION)
     dq = _bwd_q_inner(dq, q, do, lse2, delta, K, V, sks, svs, rows, offs_n, offs_d, a, bb, len_q, len_k, diff,
                       left, right, qk_scale, D, PAD_D, False, HAS_LEFT, HAS_RIGHT, BLOCK_N, PRECISION)
-    dq = _bwd_q_inner(dq, q, do, lse2, delta, K, V, sks, svs, rows, offs_n, offs_d, bb, hi, len_q, len_k, diff,
-                      left, right, qk_scale, D, PAD_D, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, PRECISION)
+    if HAS_RIGHT or not EVEN:  # the masked blocks above the band or past the end
+        dq = _bwd_q_inner(dq, q, do, lse2, delta, K, V, sks, svs, rows, offs_n, offs_d, bb, hi, len_q, len_k, diff,
+                          left, right, qk_scale, D, PAD_D, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, PRECISION)
     _store_rows(DQ, dq * sm_scale, rows, sdqs, len_q, offs_d, D)
 
 
@@ -416,18 +430,35 @@ def _cfg(bm, bn, warps, stages):
 
 # (kernel, head dims <= 128 or larger) -> configs. The forward and dQ kernels stream keys past a
 # query block (BLOCK_M queries, BLOCK_N keys per step); dK/dV streams query blocks past BLOCK_N keys.
+# Chosen offline with bench/kernel_resources.py (each config compiled for sm_90a on a CPU, with
+# Triton 3.6 and 3.9): on the bench grid's and the training run's shapes all but the fp32 fallback
+# use Hopper's wgmma, and none spills registers except three dK/dV configs under Triton 3.6, by 24-40
+# bytes a thread (the lists before spilled up to 1,032). dK/dV holds two (BLOCK_N, D) fp32
+# accumulators, so it needs 8 warps at D = 128: with 4, a 128-key block's accumulators alone take
+# 256 registers a thread. At D = 256 every wgmma dK/dV config spills, so that list also holds 32-key
+# blocks, which run on the older mma instructions without spilling.
 _CONFIGS = {
-    ("fwd", False): [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 4), _cfg(128, 32, 4, 4),
+    ("fwd", False): [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 4), _cfg(128, 32, 8, 3),
                      _cfg(64, 32, 4, 2)],
-    ("fwd", True): [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3), _cfg(32, 32, 4, 2)],
-    ("kv", False): [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 4),
+    ("fwd", True): [_cfg(128, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 32, 8, 2),
                     _cfg(32, 32, 4, 2)],
-    ("kv", True): [_cfg(32, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(16, 64, 4, 2), _cfg(32, 32, 4, 2)],
-    ("q", False): [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 4),
+    ("kv", False): [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 1), _cfg(64, 128, 8, 1), _cfg(64, 64, 8, 1),
+                    _cfg(32, 64, 8, 2), _cfg(32, 32, 4, 2)],
+    ("kv", True): [_cfg(16, 64, 8, 2), _cfg(64, 32, 8, 2), _cfg(32, 32, 8, 2), _cfg(16, 32, 8, 1)],
+    ("q", False): [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3),
                    _cfg(32, 32, 4, 2)],
-    ("q", True): [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2), _cfg(32, 32, 4, 2)],
+    ("q", True): [_cfg(64, 32, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2), _cfg(64, 32, 8, 3),
+                  _cfg(32, 32, 4, 2)],
 }  # the last of each list is small enough for fp32 tiles; configs that do not fit are skipped
-_KERNELS = {"fwd": _fwd_kernel, "kv": _bwd_kv_kernel, "q": _bwd_q_kernel}
+# EVEN: every sequence's length along the axis a kernel streams is a multiple of that block (fixed
+# lengths only), so the masked loop past the end is compiled away when no window bound needs it.
+_EVEN = {
+    "fwd": lambda a: not a["VARLEN"] and a["seqlen_k"] % a["BLOCK_N"] == 0,
+    "q": lambda a: not a["VARLEN"] and a["seqlen_k"] % a["BLOCK_N"] == 0,
+    "kv": lambda a: not a["VARLEN"] and a["seqlen_q"] % a["BLOCK_M"] == 0,
+}
+_KERNELS = {name: triton.heuristics({"EVEN": _EVEN[name]})(kernel)
+            for name, kernel in (("fwd", _fwd_kernel), ("kv", _bwd_kv_kernel), ("q", _bwd_q_kernel))}
 _TUNED: dict = {}
 _TUNE_KEY = ["D_PAD", "VARLEN", "HAS_LEFT", "HAS_RIGHT", "PRECISION"]  # the autotuner adds dtypes
 

@@ -1,0 +1,216 @@
+"""Registers, spills and shared memory of every FlashAttention autotune config, compiled for a
+Hopper GPU (sm_90a) on any machine, no GPU needed.
+
+Triton compiles ahead of time for a named target and ships its own ptxas and cuobjdump, so a CPU
+machine can build the exact binary an H100 would run and read its resource use. A config that needs
+more than the 255 registers a thread can hold spills them to local memory (the stack frame
+cuobjdump reports) and pays for the round trips; one whose shared memory passes 227 KiB cannot
+launch. The autotune lists in ``lmstack.kernels.flash_attention._CONFIGS`` were chosen with this
+before any GPU time, so that the autotuner picks among configs that do not spill.
+
+The kernels' arguments are the ones the real host code passes: ``_FlashAttn`` runs forward and
+backward on meta-device tensors of each workload's shape, with the launches captured instead of
+run, and each integer argument is specialised as Triton's JIT would (divisible by 16, equal to 1).
+
+    python bench/kernel_resources.py            # the configs in _CONFIGS, on the workloads below
+    python bench/kernel_resources.py --sweep    # a grid of block sizes / warps / stages instead
+
+Writes bench/results/kernel_resources.json and the "kernel_resources" section of docs/benchmarks.md
+(--sweep: bench/results/kernel_resources_sweep.json only; --json PATH: that file only). Needs
+triton with its bundled CUDA tools, not CUDA or a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, not interpret (read when the kernels are decorated)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from lmstack.kernels import flash_attention as fa  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import publish  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
+# (name, B, S, Hq, Hkv, D, causal, varlen): bench/attention.py's grid (B, H, S, D; 32 heads) and
+# its training run (llama-1.1b: 32 query / 4 KV heads of 64, packed documents), plus head dim 256
+WORKLOADS = [
+    ("causal d128", 2, 4096, 32, 32, 128, True, False),
+    ("full d128", 2, 4096, 32, 32, 128, False, False),
+    ("causal d64", 2, 4096, 32, 32, 64, True, False),
+    ("GQA 32/4 varlen d64", 8, 2048, 32, 4, 64, True, True),
+    ("causal d256", 2, 4096, 16, 16, 256, True, False),
+]
+
+
+def captured_launches(B, S, Hq, Hkv, D, causal, varlen, window=(-1, -1),
+                      dtype=torch.bfloat16) -> list[tuple[str, dict, dict]]:
+    """(kernel name, runtime args by name, meta) of each launch the forward and backward make."""
+    calls = []
+
+    def capture(name, grid, *args, **meta):
+        calls.append((name, dict(zip(fa._KERNELS[name].arg_names, args)), meta))
+
+    class NoLaunch:  # the delta kernel is not autotuned: nothing to capture
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+
+    saved = fa._launch, fa._bwd_delta_kernel
+    fa._launch, fa._bwd_delta_kernel = capture, NoLaunch()
+    try:
+        dev = torch.device("meta")
+        shape_q, shape_k = ((B * S, Hq, D), (B * S, Hkv, D)) if varlen else ((B, S, Hq, D), (B, S, Hkv, D))
+        q = torch.empty(shape_q, device=dev, dtype=dtype, requires_grad=True)
+        k, v = (torch.empty(shape_k, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
+        cu = torch.empty(B + 1, device=dev, dtype=torch.int32) if varlen else None
+        o, _ = fa._FlashAttn.apply(q, k, v, cu, cu, S, S, causal, D ** -0.5, *window)
+        o.backward(torch.empty_like(o))
+    finally:
+        fa._launch, fa._bwd_delta_kernel = saved
+    return calls
+
+
+def specialise(fn, args: dict, constants: dict):
+    """Triton's signature, constexprs and attributes for these argument values (as its JIT would)."""
+    from triton._C.libtriton import native_specialize_impl
+
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constants:
+            sig[name], consts[name] = "constexpr", constants[name]
+            continue
+        x = args[name]
+        if x is None:
+            sig[name], consts[name] = "constexpr", None
+        elif isinstance(x, float):
+            sig[name] = "fp32"
+        elif isinstance(x, torch.Tensor):  # device allocations are 16-byte aligned
+            sig[name] = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                               torch.int32: "i32"}[x.dtype]
+            attrs[(i,)] = BaseBackend.parse_attr("D")
+        else:
+            ty, desc = native_specialize_impl(BaseBackend, x, False, True, True)
+            if ty == "constexpr":
+                sig[name], consts[name] = "constexpr", desc
+            else:
+                sig[name] = ty
+                attrs[(i,)] = BaseBackend.parse_attr(desc)
+    return sig, consts, attrs
+
+
+def resources(name: str, args: dict, meta: dict, cfg: triton.Config) -> dict:
+    """Compile one launch with one config for sm_90a; registers, stack (spill) bytes, shared memory."""
+    fn = fa._KERNELS[name]
+    constants = {**meta, **cfg.kwargs}
+    if isinstance(fn, triton.runtime.Heuristics):  # EVEN, computed from the arguments and the config
+        constants.update({k: f({**args, **constants}) for k, f in fn.values.items()})
+        fn = fn.fn
+    sig, consts, attrs = specialise(fn, args, constants)
+    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET,
+                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    smem = kernel.metadata.shared
+    return {"regs": int(m.group(1)), "stack": int(m.group(2)), "smem": smem, "fits": smem <= SMEM_LIMIT,
+            "wgmma": "wgmma" in kernel.asm["ptx"]}
+
+
+def configs_for(name: str, d_pad: int, sweep: bool) -> list[triton.Config]:
+    if not sweep:
+        return fa._CONFIGS[(name, d_pad > 128)]
+    grid = itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3, 4))
+    return [fa._cfg(bm, bn, w, s) for bm, bn, w, s in grid if not (name == "kv" and bm > 64)]
+
+
+def cfg_name(cfg: triton.Config) -> str:
+    return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def render(r: dict) -> str:
+    """One table per kernel and config list: a row per config, a column per workload using it."""
+    lines = [
+        f"target: sm_90a (H100/H200) | triton {r['triton']} | {r['date']} | commit {r['commit']} | compiled on a CPU",
+        "",
+        "Cells: registers per thread / spilled bytes per thread (stack frame; 0 = no spill) / shared memory "
+        "in KiB (over 227 cannot launch); `mma` marks a config without Hopper's wgmma instructions. "
+        "Configs: BLOCK_M x BLOCK_N, warps, pipeline stages.",
+    ]
+    groups: dict = {}  # (kernel, workload names) -> {config: {workload: cell}}
+    by_kernel: dict = {}
+    for row in r["rows"]:
+        by_kernel.setdefault((row["kernel"], row["config"]), {})[row["workload"]] = row
+    for (kernel, config), cells in by_kernel.items():
+        groups.setdefault((kernel, tuple(cells)), {})[config] = cells
+    titles = {"fwd": "forward", "kv": "backward dK/dV", "q": "backward dQ"}
+    for (kernel, workloads), configs in groups.items():
+        lines += ["", f"{titles[kernel]}:", "",
+                  "| config | " + " | ".join(workloads) + " |", "|---|" + "---|" * len(workloads)]
+        for config, cells in configs.items():
+            out = []
+            for w in workloads:
+                c = cells[w]
+                if "error" in c:
+                    out.append(f"error: {c['error']}")
+                else:
+                    out.append(f"{c['regs']} / {c['stack']} / {c['smem'] / 1024:.0f}{'' if c['fits'] else ' (too big)'}"
+                               + ("" if c["wgmma"] else " mma"))
+            lines.append(f"| {config} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true", help="a grid of configs instead of the autotune lists")
+    ap.add_argument("--workloads", default="", help="comma-separated indices into WORKLOADS (default: all)")
+    ap.add_argument("--kernels", default="fwd,kv,q")
+    ap.add_argument("--json", type=Path, help="write the results here instead of bench/results/")
+    args = ap.parse_args()
+    picked = [WORKLOADS[int(i)] for i in args.workloads.split(",")] if args.workloads else WORKLOADS
+    rows = []
+    for wname, *shape in picked:
+        for name, kargs, meta in captured_launches(*shape):
+            if name not in args.kernels.split(","):
+                continue
+            for cfg in configs_for(name, meta["D_PAD"], args.sweep):
+                row = {"workload": wname, "kernel": name, "config": cfg_name(cfg)}
+                try:
+                    row.update(resources(name, kargs, meta, cfg))
+                except Exception as e:  # noqa: BLE001 - a config the compiler rejects is a result too
+                    row["error"] = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+                rows.append(row)
+                print(row, flush=True)
+    commit = os.environ.get("LMSTACK_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
+    result = {"triton": triton.__version__, "date": datetime.date.today().isoformat(), "commit": commit,
+              "target": "sm_90a", "sweep": args.sweep, "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(render(result))
+    else:  # the docs show the autotune lists on every workload
+        publish("kernel_resources_sweep" if args.sweep else "kernel_resources", result, render(result),
+                docs=not args.sweep and not args.workloads and args.kernels == "fwd,kv,q")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
