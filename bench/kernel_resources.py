@@ -154,20 +154,18 @@ def render(r: dict) -> str:
         "in KiB (over 227 cannot launch); `mma` marks a config without Hopper's wgmma instructions. "
         "Configs: BLOCK_M x BLOCK_N, warps, pipeline stages.",
     ]
-    groups: dict = {}  # (kernel, workload names) -> {config: {workload: cell}}
-    by_kernel: dict = {}
+    groups: dict = {}  # (kernel, config list) -> {config: {workload: cell}}
     for row in r["rows"]:
-        by_kernel.setdefault((row["kernel"], row["config"]), {})[row["workload"]] = row
-    for (kernel, config), cells in by_kernel.items():
-        groups.setdefault((kernel, tuple(cells)), {})[config] = cells
+        groups.setdefault((row["kernel"], row["list"]), {}).setdefault(row["config"], {})[row["workload"]] = row
     titles = {"fwd": "forward", "kv": "backward dK/dV", "q": "backward dQ"}
-    for (kernel, workloads), configs in groups.items():
-        lines += ["", f"{titles[kernel]}:", "",
+    for (kernel, clist), configs in groups.items():
+        workloads = list(dict.fromkeys(w for cells in configs.values() for w in cells))
+        lines += ["", f"{titles[kernel]}, {clist}:", "",
                   "| config | " + " | ".join(workloads) + " |", "|---|" + "---|" * len(workloads)]
         for config, cells in configs.items():
             out = []
             for w in workloads:
-                c = cells[w]
+                c = cells.get(w, {"error": "not compiled"})
                 if "error" in c:
                     out.append(f"error: {c['error']}")
                 else:
@@ -191,7 +189,8 @@ def main() -> int:
             if name not in args.kernels.split(","):
                 continue
             for cfg in configs_for(name, meta["D_PAD"], args.sweep):
-                row = {"workload": wname, "kernel": name, "config": cfg_name(cfg)}
+                row = {"workload": wname, "kernel": name, "config": cfg_name(cfg),
+                       "list": "head dim > 128" if meta["D_PAD"] > 128 else "head dim <= 128"}
                 try:
                     row.update(resources(name, kargs, meta, cfg))
                 except Exception as e:  # noqa: BLE001 - a config the compiler rejects is a result too
