@@ -319,3 +319,35 @@ def test_bf16_varlen_real_sizes(seed):
     assert_within_twice_naive_error(
         lambda q, k, v: flash_attn_varlen_func(q, k, v, cu_dev, cu_dev, max(lens), max(lens), causal=True),
         reference, [(sum(lens), Hq, D), (sum(lens), Hkv, D), (sum(lens), Hkv, D)])
+
+
+def test_gpu_launch_tunes_half_precision_and_fixes_fp32(monkeypatch):
+    """On a GPU (simulated: the launch is recorded, not run) fp16/bf16 go through the autotuner with
+    the kernel's config list; fp32 launches the list's last config directly, untuned."""
+    import lmstack.kernels.flash_attention as fa
+
+    launched, tuned = [], []
+
+    class Recorder:
+        def __init__(self, configs=None):
+            self.configs = configs
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append((self.configs, grid(meta), meta))
+
+    monkeypatch.setattr(fa, "INTERPRET", False)
+    monkeypatch.setattr(fa, "_TUNED", {})
+    monkeypatch.setitem(fa._KERNELS, "kv", Recorder())
+    monkeypatch.setattr(fa.triton, "autotune", lambda configs, key: tuned.append(key) or (lambda k: Recorder(configs)))
+    grid = lambda m: (m.get("BLOCK_N"),)  # noqa: E731
+
+    fa._launch("kv", grid, "arg", D_PAD=128, PRECISION="ieee")
+    last = fa._CONFIGS[("kv", False)][-1]
+    assert launched.pop() == (None, (last.kwargs["BLOCK_N"],), {"D_PAD": 128, "PRECISION": "ieee", **last.kwargs,
+                                                                 "num_warps": last.num_warps,
+                                                                 "num_stages": last.num_stages})
+    assert tuned == []
+    fa._launch("kv", grid, "arg", D_PAD=256, PRECISION="tf32")
+    configs, _, meta = launched.pop()
+    assert configs is fa._CONFIGS[("kv", True)] and meta == {"D_PAD": 256, "PRECISION": "tf32"}
+    assert tuned == [fa._TUNE_KEY]

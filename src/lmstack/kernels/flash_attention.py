@@ -8,8 +8,9 @@ algorithm in plain PyTorch). The forward saves only the output and the per-row l
 backward recomputes the probabilities from them (FlashAttention-2):
 
 - ``delta = rowsum(dO * O)`` (one small kernel), since dS = P * (dP - delta);
-- dK/dV: one program per key block loops over the query blocks that can see it, and over all the
-  query heads sharing its K/V head (GQA/MQA), so dK/dV are written once, without atomics;
+- dK/dV: one program per key block loops over the query blocks that can see it, for all the
+  query heads sharing its K/V head (GQA/MQA) in the same loop, so dK/dV are written once, without
+  atomics;
 - dQ: one program per query block loops over the key blocks it sees, like the forward.
 
 The call shapes follow the flash-attn package so callers can swap implementations:
@@ -262,20 +263,25 @@ def _bwd_delta_kernel(O, DO, DELTA, CU_Q, sob, sos, soh, sdb, sds, sdh, slb, slh
 
 
 @triton.jit
-def _bwd_kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqs, sds, cols, offs_m, offs_d, start, end, len_q,
-                  len_k, diff, left, right, qk_scale, D: tl.constexpr, PAD_D: tl.constexpr,
+def _bwd_kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqs, sqh, sds, sdh, slh, h0, group, cols, offs_m, offs_d,
+                  start, end, len_q, len_k, diff, left, right, qk_scale, D: tl.constexpr, PAD_D: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
-    # Works on transposed tiles (BN keys x BM queries) so dK/dV accumulate with plain dots.
-    for m0 in range(start, end, BLOCK_M):
-        rows = m0 + offs_m  # (BM,)
-        q = _load_rows(Q, rows, sqs, len_q, offs_d, D, MASKED, PAD_D)  # (BM, D_PAD)
-        do = _load_rows(DO, rows, sds, len_q, offs_d, D, MASKED, PAD_D)  # (BM, D_PAD)
-        lse2 = _load_lse2(LSE, rows, len_q, MASKED)  # (BM,)
+    # Query blocks start..end of every query head h0 .. h0 + group - 1 (those sharing this K/V head)
+    # in one loop, so the pipeline runs on across heads. Works on transposed tiles (BN keys x BM
+    # queries) so dK/dV accumulate with plain dots.
+    n_blocks = tl.cdiv(end - start, BLOCK_M)
+    for it in range(0, n_blocks * group):
+        g = it // n_blocks
+        h = (h0 + g).to(tl.int64)
+        rows = start + (it - g * n_blocks) * BLOCK_M + offs_m  # (BM,)
+        q = _load_rows(Q + h * sqh, rows, sqs, len_q, offs_d, D, MASKED, PAD_D)  # (BM, D_PAD)
+        do = _load_rows(DO + h * sdh, rows, sds, len_q, offs_d, D, MASKED, PAD_D)  # (BM, D_PAD)
+        lse2 = _load_lse2(LSE + h * slh, rows, len_q, MASKED)  # (BM,)
         if MASKED:
-            delta = tl.load(DELTA + rows, mask=rows < len_q, other=0.0)
+            delta = tl.load(DELTA + h * slh + rows, mask=rows < len_q, other=0.0)
         else:
-            delta = tl.load(DELTA + rows)
+            delta = tl.load(DELTA + h * slh + rows)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BN, BM) log2 units
         if MASKED:
             vis = _visible(rows[None, :], cols[:, None], len_q, len_k, diff, left, right, HAS_LEFT, HAS_RIGHT)
@@ -325,23 +331,22 @@ def _bwd_kv_kernel(
     # Key j is seen by queries i with j - diff - right <= i <= j - diff + left.
     n_last = tl.minimum(n0 + BLOCK_N, len_k) - 1
     lo, a, bb, hi = _segments(n0, n_last, len_q, -diff - right, -diff + left, HAS_RIGHT, HAS_LEFT, BLOCK_M)
-    for g in range(0, group):
-        h = (kvh * group + g).to(tl.int64)
-        Qh = Q + b64 * sqb + q_start.to(tl.int64) * sqs + h * sqh
-        DOh = DO + b64 * sdb + q_start.to(tl.int64) * sds + h * sdh
-        LSEh = LSE + b64 * slb + h * slh + q_start
-        DELTAh = DELTA + b64 * slb + h * slh + q_start
-        if HAS_RIGHT:  # the masked blocks below the band
-            dk, dv = _bwd_kv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqs, sds, cols, offs_m, offs_d, lo, a,
-                                   len_q, len_k, diff, left, right, qk_scale, D, PAD_D, True, HAS_LEFT,
-                                   HAS_RIGHT, BLOCK_M, PRECISION)
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqs, sds, cols, offs_m, offs_d, a, bb,
-                               len_q, len_k, diff, left, right, qk_scale, D, PAD_D, False, HAS_LEFT,
-                               HAS_RIGHT, BLOCK_M, PRECISION)
-        if HAS_LEFT or not EVEN:  # the masked blocks above the band or past the end
-            dk, dv = _bwd_kv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqs, sds, cols, offs_m, offs_d, bb, hi,
-                                   len_q, len_k, diff, left, right, qk_scale, D, PAD_D, True, HAS_LEFT,
-                                   HAS_RIGHT, BLOCK_M, PRECISION)
+    Qb = Q + b64 * sqb + q_start.to(tl.int64) * sqs  # heads are added in the loop
+    DOb = DO + b64 * sdb + q_start.to(tl.int64) * sds
+    LSEb = LSE + b64 * slb + q_start
+    DELTAb = DELTA + b64 * slb + q_start
+    h0 = kvh * group
+    if HAS_RIGHT:  # the masked blocks below the band
+        dk, dv = _bwd_kv_inner(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sqs, sqh, sds, sdh, slh, h0, group, cols,
+                               offs_m, offs_d, lo, a, len_q, len_k, diff, left, right, qk_scale, D, PAD_D, True,
+                               HAS_LEFT, HAS_RIGHT, BLOCK_M, PRECISION)
+    dk, dv = _bwd_kv_inner(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sqs, sqh, sds, sdh, slh, h0, group, cols,
+                           offs_m, offs_d, a, bb, len_q, len_k, diff, left, right, qk_scale, D, PAD_D, False,
+                           HAS_LEFT, HAS_RIGHT, BLOCK_M, PRECISION)
+    if HAS_LEFT or not EVEN:  # the masked blocks above the band or past the end
+        dk, dv = _bwd_kv_inner(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sqs, sqh, sds, sdh, slh, h0, group, cols,
+                               offs_m, offs_d, bb, hi, len_q, len_k, diff, left, right, qk_scale, D, PAD_D, True,
+                               HAS_LEFT, HAS_RIGHT, BLOCK_M, PRECISION)
     _store_rows(DK, dk * sm_scale, cols, sdks, len_k, offs_d, D)
     _store_rows(DV, dv, cols, sdvs, len_k, offs_d, D)
 
@@ -432,8 +437,8 @@ def _cfg(bm, bn, warps, stages):
 # query block (BLOCK_M queries, BLOCK_N keys per step); dK/dV streams query blocks past BLOCK_N keys.
 # Chosen offline with bench/kernel_resources.py (each config compiled for sm_90a on a CPU, with
 # Triton 3.6 and 3.9): on the bench grid's and the training run's shapes all but the fp32 fallback
-# use Hopper's wgmma, and none spills registers except three dK/dV configs under Triton 3.6, by 24-40
-# bytes a thread (the lists before spilled up to 1,032). dK/dV holds two (BLOCK_N, D) fp32
+# use Hopper's wgmma, and at most two dK/dV configs spill registers, by 16-24 bytes a thread (the
+# lists before spilled up to 1,032). dK/dV holds two (BLOCK_N, D) fp32
 # accumulators, so it needs 8 warps at D = 128: with 4, a 128-key block's accumulators alone take
 # 256 registers a thread. At D = 256 every wgmma dK/dV config spills in Triton 3.9's sweep (3.6
 # keeps 16x64 clean), so that list also holds 32-key blocks, which run on the older mma
@@ -450,7 +455,7 @@ _CONFIGS = {
                    _cfg(32, 32, 4, 2)],
     ("q", True): [_cfg(64, 32, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2), _cfg(64, 32, 8, 3),
                   _cfg(32, 32, 4, 2)],
-}  # the last of each list is small enough for fp32 tiles; configs that do not fit are skipped
+}  # the last of each list fits fp32 tiles and is the one fp32 inputs use; tuning skips what does not fit
 # EVEN: every sequence's length along the axis a kernel streams is a multiple of that block (fixed
 # lengths only), so the masked loop past the end is compiled away when no window bound needs it.
 _EVEN = {
@@ -465,14 +470,20 @@ _TUNE_KEY = ["D_PAD", "VARLEN", "HAS_LEFT", "HAS_RIGHT", "PRECISION"]  # the aut
 
 
 def _launch(name, grid, *args, **meta):
-    """Run kernel ``name`` with fixed interpreter blocks or its autotuned GPU configuration."""
+    """Run kernel ``name``: fixed small blocks in the interpreter; on a GPU its autotuned config, or
+    for fp32 inputs the list's last config untuned. fp32 is the exact path (tests, references), not
+    a fast one: its products skip the tensor cores and most configs spill at fp32, so tuning would
+    compile them all for little."""
+    kernel = _KERNELS[name]
+    key = (name, meta["D_PAD"] > 128)
     if INTERPRET:
-        kernel = _KERNELS[name]
         meta.update(INTERPRET_BLOCKS)
+    elif meta["PRECISION"] == "ieee":
+        cfg = _CONFIGS[key][-1]
+        meta.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
-        key = (name, meta["D_PAD"] > 128)
         if key not in _TUNED:
-            _TUNED[key] = triton.autotune(_CONFIGS[key], key=_TUNE_KEY)(_KERNELS[name])
+            _TUNED[key] = triton.autotune(_CONFIGS[key], key=_TUNE_KEY)(kernel)
         kernel = _TUNED[key]
     kernel[grid](*args, **meta)
 
