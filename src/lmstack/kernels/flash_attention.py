@@ -440,9 +440,9 @@ def _cfg(bm, bn, warps, stages):
 # use Hopper's wgmma, and at most two dK/dV configs spill registers, by 16-24 bytes a thread (the
 # lists before spilled up to 1,032). dK/dV holds two (BLOCK_N, D) fp32
 # accumulators, so it needs 8 warps at D = 128: with 4, a 128-key block's accumulators alone take
-# 256 registers a thread. At D = 256 every wgmma dK/dV config spills in Triton 3.9's sweep (3.6
-# keeps 16x64 clean), so that list also holds 32-key blocks, which run on the older mma
-# instructions without spilling.
+# 256 registers a thread. At D = 256 every wgmma dK/dV config spills (16x64 the least: 8 bytes
+# under Triton 3.6, 176 under 3.9), so that list also holds 32-key blocks, which run on the older
+# mma instructions without spilling.
 _CONFIGS = {
     ("fwd", False): [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 4), _cfg(128, 32, 8, 3),
                      _cfg(64, 32, 4, 2)],
