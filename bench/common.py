@@ -16,15 +16,20 @@ from lmstack.io import atomic_write_text
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def commit() -> str:
+    """The measured tree's commit: LMSTACK_COMMIT for a copy without .git (a lent GPU machine)."""
+    if os.environ.get("LMSTACK_COMMIT"):
+        return os.environ["LMSTACK_COMMIT"]
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        return git.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def meta() -> dict:
     import transformers
 
-    commit = os.environ.get("LMSTACK_COMMIT")  # for a copy of the tree without .git (a lent GPU machine)
-    try:
-        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          cwd=ROOT).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
     cpu = platform.processor() or "cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -34,7 +39,7 @@ def meta() -> dict:
     except OSError:
         pass
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu} ({torch.get_num_threads()} threads)"
-    return {"date": datetime.date.today().isoformat(), "commit": commit, "device": device,
+    return {"date": datetime.date.today().isoformat(), "commit": commit(), "device": device,
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 

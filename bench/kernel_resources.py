@@ -43,7 +43,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from lmstack.kernels import flash_attention as fa  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import publish  # noqa: E402
+from common import commit, publish  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
@@ -136,7 +136,7 @@ def resources(name: str, args: dict, meta: dict, cfg: triton.Config) -> dict:
 
 def configs_for(name: str, d_pad: int, sweep: bool) -> list[triton.Config]:
     if not sweep:
-        return fa._CONFIGS[(name, d_pad > 128)]
+        return fa._configs(name, d_pad)
     grid = itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3, 4))
     return [fa._cfg(bm, bn, w, s) for bm, bn, w, s in grid if not (name == "kv" and bm > 64)]
 
@@ -197,10 +197,7 @@ def main() -> int:
                     row["error"] = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
                 rows.append(row)
                 print(row, flush=True)
-    commit = os.environ.get("LMSTACK_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
-    result = {"triton": triton.__version__, "date": datetime.date.today().isoformat(), "commit": commit,
+    result = {"triton": triton.__version__, "date": datetime.date.today().isoformat(), "commit": commit(),
               "target": "sm_90a", "sweep": args.sweep, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -456,13 +456,24 @@ _CONFIGS = {
     ("q", True): [_cfg(64, 32, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2), _cfg(64, 32, 8, 3),
                   _cfg(32, 32, 4, 2)],
 }  # the last of each list fits fp32 tiles and is the one fp32 inputs use; tuning skips what does not fit
+
+
+def _configs(name: str, d_pad: int) -> list:
+    """Kernel ``name``'s autotune list for a (padded) head dim."""
+    return _CONFIGS[(name, d_pad > 128)]
+
+
 # EVEN: every sequence's length along the axis a kernel streams is a multiple of that block (fixed
 # lengths only), so the masked loop past the end is compiled away when no window bound needs it.
-_EVEN = {
-    "fwd": lambda a: not a["VARLEN"] and a["seqlen_k"] % a["BLOCK_N"] == 0,
-    "q": lambda a: not a["VARLEN"] and a["seqlen_k"] % a["BLOCK_N"] == 0,
-    "kv": lambda a: not a["VARLEN"] and a["seqlen_q"] % a["BLOCK_M"] == 0,
-}
+def _even_keys(a):  # forward and dQ stream key blocks
+    return not a["VARLEN"] and a["seqlen_k"] % a["BLOCK_N"] == 0
+
+
+def _even_queries(a):  # dK/dV streams query blocks
+    return not a["VARLEN"] and a["seqlen_q"] % a["BLOCK_M"] == 0
+
+
+_EVEN = {"fwd": _even_keys, "q": _even_keys, "kv": _even_queries}
 _KERNELS = {name: triton.heuristics({"EVEN": _EVEN[name]})(kernel)
             for name, kernel in (("fwd", _fwd_kernel), ("kv", _bwd_kv_kernel), ("q", _bwd_q_kernel))}
 _TUNED: dict = {}
@@ -475,15 +486,15 @@ def _launch(name, grid, *args, **meta):
     a fast one: its products skip the tensor cores and most configs spill at fp32, so tuning would
     compile them all for little."""
     kernel = _KERNELS[name]
-    key = (name, meta["D_PAD"] > 128)
     if INTERPRET:
         meta.update(INTERPRET_BLOCKS)
     elif meta["PRECISION"] == "ieee":
-        cfg = _CONFIGS[key][-1]
+        cfg = _configs(name, meta["D_PAD"])[-1]
         meta.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
+        key = (name, meta["D_PAD"] > 128)
         if key not in _TUNED:
-            _TUNED[key] = triton.autotune(_CONFIGS[key], key=_TUNE_KEY)(kernel)
+            _TUNED[key] = triton.autotune(_configs(name, meta["D_PAD"]), key=_TUNE_KEY)(kernel)
         kernel = _TUNED[key]
     kernel[grid](*args, **meta)
 
