@@ -20,6 +20,7 @@ Needs CUDA: without it, prints a message and exits 0.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -32,7 +33,7 @@ import lmstack
 from lmstack.kernels import Seqs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import publish, meta  # noqa: E402
+from common import ROOT, meta, publish  # noqa: E402
 
 # (batch, heads, seq_len, head_dim, causal)
 GRID = [
@@ -74,7 +75,8 @@ def median_ms(fn, **kw) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median", **kw)
 
 
-def kernel_bench() -> list[dict]:
+def kernel_bench(on_row=lambda rows: None) -> list[dict]:
+    """The grid's rows; ``on_row(rows so far)`` after each (a run cut short keeps what it measured)."""
     fns = attention_fns()
     rows = []
     for B, H, S, D, causal in GRID:
@@ -100,6 +102,7 @@ def kernel_bench() -> list[dict]:
         print(f"B={B} H={H} S={S} D={D} causal={causal}: fwd {fmt(row['fwd_tflops'])} | "
               f"fwd+bwd {fmt(row['fwd_bwd_tflops'])}", flush=True)
         rows.append(row)
+        on_row(rows)
         del q, k, v, do
     return rows
 
@@ -151,6 +154,13 @@ def padded_batch(g, B, vocab):
     return x, y, None, sum(n - 1 for n in lens)
 
 
+def training_batches(B: int, T: int, vocab: int, n: int = 8) -> tuple[list, list]:
+    """The training part's n packed and n padded batches (on the CPU), the same in every run."""
+    g = torch.Generator().manual_seed(0)
+    packed = [packed_batch(g, B, T, vocab) for _ in range(n)]
+    return packed, [padded_batch(g, B, vocab) for _ in range(n)]
+
+
 def train_tokens_per_s(model, batches, steps, warmup=3) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     times, tokens = [], []
@@ -171,14 +181,13 @@ def train_tokens_per_s(model, batches, steps, warmup=3) -> float:
     return sum(tokens) / sum(times)
 
 
-def training_bench(layers: int, steps: int, B: int = 8, T: int = 2048) -> dict:
+def training_bench(layers: int, steps: int, B: int = 8, T: int = 2048, on_config=lambda result: None) -> dict:
+    """Trained tokens/s of each (batching, attention) pair; ``on_config(result so far)`` after each."""
     cfg = lmstack.ModelConfig.from_preset("llama-1.1b", n_layers=layers)
     torch.manual_seed(0)
     model = lmstack.Transformer(cfg).cuda().train()
-    g = torch.Generator().manual_seed(0)
     to_cuda = lambda b: (b[0].cuda(), b[1].cuda(), None if b[2] is None else b[2].to("cuda"), b[3])  # noqa: E731
-    packed = [to_cuda(packed_batch(g, B, T, cfg.vocab_size)) for _ in range(8)]
-    padded = [to_cuda(padded_batch(g, B, cfg.vocab_size)) for _ in range(8)]
+    packed, padded = ([to_cuda(b) for b in batches] for batches in training_batches(B, T, cfg.vocab_size))
     slots = sum(b[0].numel() for b in padded)
     result = {"preset": "llama-1.1b", "n_layers": layers, "rows": B, "packed_row_len": T,
               "padded_fill": sum(b[3] for b in padded) / slots, "tok_s": {}}
@@ -189,6 +198,7 @@ def training_bench(layers: int, steps: int, B: int = 8, T: int = 2048) -> dict:
         model.attn_backend = backend
         result["tok_s"][name] = train_tokens_per_s(model, batches, steps)
         print(f"train {name}: {result['tok_s'][name]:,.0f} tok/s", flush=True)
+        on_config(result)
     return result
 
 
@@ -209,6 +219,8 @@ def render(r: dict) -> str:
         lines.append(f"| {row['B']} | {row['H']} | {row['S']} | {row['D']} | {'yes' if row['causal'] else 'no'} | "
                      + " | ".join(cells) + f" | {row['max_abs_diff_vs_sdpa_flash']:.1e} |")
     t = r["training"]
+    if t is None:
+        return "\n".join(lines + ["", "Training step: not measured in this run."])
     lines += [
         "",
         f"Training step, {t['preset']} shape with {t['n_layers']} layers, bf16 autocast, AdamW; documents of "
@@ -232,8 +244,23 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4, help="layers of the llama-1.1b shape in the training part")
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
+    ap.add_argument("--part", choices=("all", "kernels", "training"), default="all",
+                    help="kernels or training alone; training keeps the kernel rows this commit measured before")
     args = ap.parse_args()
-    results = {"kernels": kernel_bench(), "training": training_bench(args.layers, args.steps), "meta": meta()}
+    results = {"kernels": [], "training": None, "meta": meta()}
+    saved = ROOT / "bench" / "results" / "attention.json"
+    if args.part == "training" and saved.exists():
+        before = json.loads(saved.read_text())
+        if before["meta"]["commit"] == results["meta"]["commit"] and before["meta"]["device"] == results["meta"]["device"]:
+            results["kernels"] = before["kernels"]
+
+    def partial(**part):  # after each grid row and training configuration: the JSON and docs so far
+        publish("attention", {**results, **part}, render({**results, **part}), echo=False)
+
+    if args.part != "training":
+        results["kernels"] = kernel_bench(lambda rows: partial(kernels=rows))
+    if args.part != "kernels":
+        results["training"] = training_bench(args.layers, args.steps, on_config=lambda t: partial(training=t))
     publish("attention", results, render(results))
     return 0
 

@@ -43,15 +43,16 @@ def meta() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def publish(name: str, results: dict, table: str, *, docs: bool = True) -> None:
+def publish(name: str, results: dict, table: str, *, docs: bool = True, echo: bool = True) -> None:
     """Write bench/results/<name>.json, put ``table`` in docs/benchmarks.md's <name> section
-    (unless ``docs`` is False) and print it."""
+    (unless ``docs`` is False) and print it (unless ``echo`` is False)."""
     out = ROOT / "bench" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     if docs:
         update_docs(name, table)
-    print(table)
+    if echo:
+        print(table)
 
 
 def update_docs(section: str, body: str) -> None:

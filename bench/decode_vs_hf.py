@@ -104,6 +104,7 @@ def main() -> int:
         raise SystemExit(f"--prompt-len + --new-tokens = {args.prompt_len + N} exceeds the context {cfg.max_seq_len}")
     g = torch.Generator().manual_seed(1)
 
+    result_name = "decode_vs_hf" if device.type == "cpu" else f"decode_vs_hf_{device.type}"
     variants = {"lmstack": {}, "lmstack+compile": {"compile": True}}
     results = {"meta": meta(), "model": args.model, "dtype": args.dtype, "prompt_len": args.prompt_len,
                "new_tokens": N, "workloads": {}}
@@ -125,14 +126,14 @@ def main() -> int:
         print(f"{wl}: " + ", ".join(f"{name} {v:,.0f} tok/s" for name, v in row.items() if v is not None), flush=True)
         row["same_tokens"] = all(torch.equal(o, outs["hf"]) for o in outs.values())
         results["workloads"][wl] = row
+        publish(result_name, results, render(results), docs=not args.no_docs, echo=False)  # a run cut short keeps these
 
     if device.type == "cuda":
         from torch._dynamo.utils import counters
 
         results["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
         print(f"compiled graphs that fell back from CUDA graphs: {results['cudagraph_skips']}")
-    suffix = "" if device.type == "cpu" else f"_{device.type}"
-    publish(f"decode_vs_hf{suffix}", results, render(results), docs=not args.no_docs)
+    publish(result_name, results, render(results), docs=not args.no_docs)
     return 0
 
 

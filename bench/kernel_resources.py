@@ -58,31 +58,45 @@ WORKLOADS = [
 ]
 
 
-def captured_launches(B, S, Hq, Hkv, D, causal, varlen, window=(-1, -1),
-                      dtype=torch.bfloat16) -> list[tuple[str, dict, dict]]:
-    """(kernel name, runtime args by name, meta) of each launch the forward and backward make."""
+def record_launches(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left=-1, right=-1) -> list[tuple[str, dict, dict]]:
+    """(kernel name, runtime args by name, meta) of every launch ``_FlashAttn``'s forward and backward
+    make on these (meta-device) inputs, in order; "delta" is the backward's untuned preprocessing
+    kernel. Nothing is launched."""
     calls = []
 
     def capture(name, grid, *args, **meta):
         calls.append((name, dict(zip(fa._KERNELS[name].arg_names, args)), meta))
 
-    class NoLaunch:  # the delta kernel is not autotuned: nothing to capture
+    delta_args = fa._bwd_delta_kernel.arg_names
+
+    class Delta:  # fa._bwd_delta_kernel[grid](*args, **meta), recorded
         def __getitem__(self, grid):
-            return lambda *a, **k: None
+            return lambda *a, **m: calls.append(("delta", dict(zip(delta_args, a)), m))
 
     saved = fa._launch, fa._bwd_delta_kernel
-    fa._launch, fa._bwd_delta_kernel = capture, NoLaunch()
+    fa._launch, fa._bwd_delta_kernel = capture, Delta()
     try:
-        dev = torch.device("meta")
-        shape_q, shape_k = ((B * S, Hq, D), (B * S, Hkv, D)) if varlen else ((B, S, Hq, D), (B, S, Hkv, D))
-        q = torch.empty(shape_q, device=dev, dtype=dtype, requires_grad=True)
-        k, v = (torch.empty(shape_k, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
-        cu = torch.empty(B + 1, device=dev, dtype=torch.int32) if varlen else None
-        o, _ = fa._FlashAttn.apply(q, k, v, cu, cu, S, S, causal, D ** -0.5, *window)
+        o, _ = fa._FlashAttn.apply(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right)
         o.backward(torch.empty_like(o))
     finally:
         fa._launch, fa._bwd_delta_kernel = saved
     return calls
+
+
+def meta_inputs(shape_q, shape_k, dtype=torch.bfloat16):
+    """q, k, v on the meta device (no memory), requiring grad."""
+    q = torch.empty(shape_q, device="meta", dtype=dtype, requires_grad=True)
+    k, v = (torch.empty(shape_k, device="meta", dtype=dtype, requires_grad=True) for _ in range(2))
+    return q, k, v
+
+
+def captured_launches(B, S, Hq, Hkv, D, causal, varlen, window=(-1, -1),
+                      dtype=torch.bfloat16) -> list[tuple[str, dict, dict]]:
+    """The autotuned kernels' launches (forward, dK/dV, dQ) for one workload shape."""
+    shape_q, shape_k = ((B * S, Hq, D), (B * S, Hkv, D)) if varlen else ((B, S, Hq, D), (B, S, Hkv, D))
+    cu = torch.empty(B + 1, device="meta", dtype=torch.int32) if varlen else None
+    calls = record_launches(*meta_inputs(shape_q, shape_k, dtype), cu, cu, S, S, causal, D ** -0.5, *window)
+    return [c for c in calls if c[0] != "delta"]
 
 
 def specialise(fn, args: dict, constants: dict):

@@ -463,6 +463,13 @@ def _configs(name: str, d_pad: int) -> list:
     return _CONFIGS[(name, d_pad > 128)]
 
 
+def _gpu_configs(name: str, meta: dict) -> list:
+    """The configs a GPU launch of kernel ``name`` compiles: the whole autotune list for fp16/bf16,
+    the list's last config alone (untuned) for fp32."""
+    configs = _configs(name, meta["D_PAD"])
+    return configs[-1:] if meta["PRECISION"] == "ieee" else configs
+
+
 # EVEN: every sequence's length along the axis a kernel streams is a multiple of that block (fixed
 # lengths only), so the masked loop past the end is compiled away when no window bound needs it.
 def _even_keys(a):  # forward and dQ stream key blocks
@@ -489,12 +496,12 @@ def _launch(name, grid, *args, **meta):
     if INTERPRET:
         meta.update(INTERPRET_BLOCKS)
     elif meta["PRECISION"] == "ieee":
-        cfg = _configs(name, meta["D_PAD"])[-1]
+        (cfg,) = _gpu_configs(name, meta)
         meta.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         key = (name, meta["D_PAD"] > 128)
         if key not in _TUNED:
-            _TUNED[key] = triton.autotune(_configs(name, meta["D_PAD"]), key=_TUNE_KEY)(kernel)
+            _TUNED[key] = triton.autotune(_gpu_configs(name, meta), key=_TUNE_KEY)(kernel)
         kernel = _TUNED[key]
     kernel[grid](*args, **meta)
 

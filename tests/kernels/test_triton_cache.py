@@ -1,0 +1,72 @@
+"""bench/triton_cache.py: kernels compiled ahead on a CPU load from the cache instead of compiling.
+
+The tool compiles through the JIT's own warm-up path with a compile-only stand-in for the CUDA
+driver, prunes each cache entry to its metadata and binary, and packs the cache. Here it runs on
+one workload under this machine's Triton (keys as this installation computes them), the archive is
+unpacked into an emptied cache directory as on the GPU machine, and the same launches are warmed
+again in a fresh process: every one must be a cache hit (no new entry, no compile), and each loaded
+kernel must still carry its binary. Subprocesses: the interpreter must be off when the kernels are
+decorated.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+REWARM = """
+import json, sys
+sys.path.insert(0, "bench")
+import triton
+import triton_cache as tc
+
+triton.runtime.driver.set_active(tc.CompileOnlyDriver())
+work = tc.test_work()[0]
+kernels = [k for call in tc.launches(work) for k in tc.warm(*call)]
+print("RESULT " + json.dumps({"kernels": len(kernels), "with_binary": sum(bool(k.asm.get("cubin")) for k in kernels)}))
+"""
+
+
+def _env(cache_dir):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(cache_dir)
+    return env
+
+
+def _entries(cache_dir):
+    return sorted(p.parent.name for p in Path(cache_dir).glob("*/*.cubin"))
+
+
+def test_kernels_compiled_ahead_load_from_the_cache(tmp_path):
+    cache, archive = tmp_path / "cache", tmp_path / "cache.tar.gz"
+    r = subprocess.run([sys.executable, "bench/triton_cache.py", "--same-python", "--only", "tests", "--limit", "1",
+                        "--jobs", "1", "--cache-dir", str(cache), "--out", str(archive)],
+                       cwd=ROOT, env=_env(cache), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((cache / "manifest.json").read_text())
+    built = _entries(cache)
+    assert manifest["entries"] == len(built) > 0 and manifest["workloads"] == 1
+    assert {p.suffix for p in cache.glob("*/*")} == {".json", ".cubin"}  # the IR text is pruned
+
+    # the GPU machine's side: an emptied cache directory, the archive unpacked into it
+    for p in sorted(cache.glob("**/*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    with tarfile.open(archive) as tar:
+        tar.extractall(cache, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    assert _entries(cache) == built
+
+    r = subprocess.run([sys.executable, "-c", REWARM], cwd=ROOT, env=_env(cache), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.split("RESULT ", 1)[1])
+    assert out["kernels"] == out["with_binary"] > 0, out
+    assert _entries(cache) == built, "a kernel compiled again instead of loading from the cache"
