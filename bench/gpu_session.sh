@@ -8,7 +8,8 @@
 #           timeout_s 540
 #
 # The steps, most important first; each runs under `timeout` with at most its cap and never past
-# the budget (first argument, seconds), and leaves its results in $OUT as it ends:
+# the budget (first argument, seconds; the second, optional, names the steps to run, e.g. "decode"),
+# and leaves its results in $OUT as it ends:
 #   tests     bf16 kernels at real sizes, half precision, the model through the kernels, CUDA-graph decoding
 #   kernels   bench/attention.py --part kernels: TFLOP/s vs SDPA flash and cuDNN on the grid
 #   training  bench/attention.py --part training: packed varlen vs padded batches, llama-1.1b shape
@@ -26,6 +27,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/lmstack-gpu}
 BUDGET=${1:-480}
+STEPS=" ${2:-tests kernels training decode rest} "  # a later session can run the steps an earlier one missed
 START=$SECONDS
 LOGS=/tmp/lmstack-gpu-logs  # outside $OUT: only 8 files come back, so the logs travel as one archive
 rm -rf "$LOGS" && mkdir -p "$LOGS" "$OUT"
@@ -59,6 +61,7 @@ BEFORE=$(cached)
 # step NAME CAP COMMAND...: run under min(CAP, what is left of the budget), log to $LOGS/NAME.log
 step() {
   local name=$1 cap=$2; shift 2
+  [[ "$STEPS" == *" $name "* ]] || return 0
   local left=$(( BUDGET - (SECONDS - START) - 15 ))  # 15 s to pack the results
   local limit=$(( cap < left ? cap : left ))
   if [ "$limit" -lt 20 ]; then say "$name: skipped, ${left}s of the budget left"; return; fi
@@ -82,7 +85,7 @@ step tests 100 python3 -m pytest -p no:cacheprovider -rs tests/kernels/test_flas
   tests/generate/test_static_cache.py -k "$GPU_TESTS"
 step kernels 130 env TRITON_PRINT_AUTOTUNING=1 python3 bench/attention.py --part kernels
 step training 80 python3 bench/attention.py --part training
-step decode 200 python3 bench/decode_vs_hf.py --device cuda --model llama-1.1b --dtype bf16 --repeats 2
+step decode 200 python3 bench/decode_vs_hf.py --device cuda --model llama-1.1b --dtype bf16 --new-tokens 128 --repeats 1
 step rest 60 python3 -m pytest -p no:cacheprovider -rs tests/kernels/test_flash_attention.py -k "not ($GPU_TESTS)"
 
 say "kernels compiled on the GPU (not in the carried cache): $(( $(cached) - BEFORE ))"
