@@ -210,7 +210,7 @@ def main() -> int:
     ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     ap.add_argument("--out", type=Path, default=ROOT / ".triton-cache.tar.gz")
     ap.add_argument("--only", choices=("bench", "tests", "all"), default="all")
-    ap.add_argument("--limit", type=int, default=0, help="the first N workloads only (a quick check)")
+    ap.add_argument("--only-label", help="just the workloads whose label is this (a quick check)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes")
     args = ap.parse_args()
     if args.same_python:
@@ -226,7 +226,7 @@ def main() -> int:
     triton.runtime.driver.set_active(CompileOnlyDriver())
 
     works = (bench_work() if args.only != "tests" else []) + (test_work() if args.only != "bench" else [])
-    works = works[: args.limit] if args.limit else works
+    works = [w for w in works if w.label == args.only_label] if args.only_label else works
     t0, compiled = time.perf_counter(), 0
     # forked workers inherit the patched key and driver; Triton's cache takes concurrent writers
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
