@@ -58,7 +58,8 @@ EOF
 else
   say "triton cache: none carried (.triton-cache.tar.gz); every kernel compiles here"
 fi
-cached() { find "$CACHE" -name '*.cubin' 2>/dev/null | wc -l; }
+# the attention kernels' binaries (torch.compile's kernels land in TRITON_CACHE_DIR too)
+cached() { find "$CACHE" \( -name '_fwd_kernel.cubin' -o -name '_bwd_*_kernel.cubin' \) 2>/dev/null | wc -l; }
 BEFORE=$(cached)
 
 # step NAME CAP COMMAND...: run under min(CAP, what is left of the budget), log to $LOGS/NAME.log
@@ -88,7 +89,7 @@ step tests 100 python3 -m pytest -p no:cacheprovider -rs tests/kernels/test_flas
   tests/generate/test_static_cache.py -k "$GPU_TESTS"
 step kernels 130 env TRITON_PRINT_AUTOTUNING=1 python3 bench/attention.py --part kernels
 step training 80 python3 bench/attention.py --part training
-step decode 200 python3 bench/decode_vs_hf.py --device cuda --model llama-1.1b --dtype bf16 --new-tokens 128 --repeats 1
+step decode 300 python3 bench/decode_vs_hf.py --device cuda --model llama-1.1b --dtype bf16 --new-tokens 128 --repeats 1
 step rest 60 python3 -m pytest -p no:cacheprovider -rs tests/kernels/test_flash_attention.py -k "not ($GPU_TESTS)"
 
 say "kernels compiled on the GPU (not in the carried cache): $(( $(cached) - BEFORE ))"
