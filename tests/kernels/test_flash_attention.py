@@ -321,6 +321,30 @@ def test_bf16_varlen_real_sizes(seed):
         reference, [(sum(lens), Hq, D), (sum(lens), Hkv, D), (sum(lens), Hkv, D)])
 
 
+def test_bf16_criterion_accepts_bf16_attention_and_rejects_an_error(seed):
+    """The GPU tests' yardstick, run here on small shapes with SDPA standing in for the kernels:
+    SDPA in bf16 passes it, and the same with queries scaled by 1.05 fails it."""
+    B, Sq, Sk, Hq, Hkv, D, causal, window_size = 2, 50, 70, 4, 2, 32, True, (9, -1)
+    mask = window_mask(Sq, Sk, causal=causal, window_size=window_size, device=DEVICE)
+
+    def sdpa(q, k, v, q_scale=1.0):
+        G = Hq // Hkv
+        o = torch.nn.functional.scaled_dot_product_attention(
+            (q * q_scale).transpose(1, 2), k.repeat_interleave(G, 2).transpose(1, 2),
+            v.repeat_interleave(G, 2).transpose(1, 2), attn_mask=mask)
+        return o.transpose(1, 2)
+
+    def reference(q, k, v, naive=False):
+        if naive:
+            return naive_bf16(q, k, v, causal=causal, window_size=window_size)
+        return ref_attention(q, k, v, causal=causal, window_size=window_size)[0]
+
+    shapes = [(B, Sq, Hq, D), (B, Sk, Hkv, D), (B, Sk, Hkv, D)]
+    assert_within_twice_naive_error(sdpa, reference, shapes)
+    with pytest.raises(AssertionError, match="max error"):
+        assert_within_twice_naive_error(lambda q, k, v: sdpa(q, k, v, q_scale=1.05), reference, shapes)
+
+
 def test_gpu_launch_tunes_half_precision_and_fixes_fp32(monkeypatch):
     """On a GPU (simulated: the launch is recorded, not run) fp16/bf16 go through the autotuner with
     the kernel's config list; fp32 launches the list's last config directly, untuned."""
