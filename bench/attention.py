@@ -44,6 +44,12 @@ GRID = [
     (2, 32, 4096, 64, True),
 ]
 IMPLS = ("lmstack-triton", "sdpa-flash", "sdpa-cudnn")
+DEVICE, DTYPE = "cuda", torch.bfloat16  # tests/kernels/test_bench_attention.py runs the plumbing on the CPU in fp32
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def attention_fns() -> dict:
@@ -71,7 +77,7 @@ def median_ms(fn, **kw) -> float:
     from triton.testing import do_bench
 
     fn()  # compile / autotune outside the timing
-    torch.cuda.synchronize()
+    sync()
     return do_bench(fn, warmup=25, rep=100, return_mode="median", **kw)
 
 
@@ -81,7 +87,7 @@ def kernel_bench(on_row=lambda rows: None) -> list[dict]:
     rows = []
     for B, H, S, D, causal in GRID:
         torch.manual_seed(0)
-        q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        q, k, v = (torch.randn(B, S, H, D, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
         do = torch.randn_like(q)
         flops = 4 * B * H * S * S * D / (2 if causal else 1)
         row = {"B": B, "H": H, "S": S, "D": D, "causal": causal, "fwd_tflops": {}, "fwd_bwd_tflops": {}}
@@ -166,30 +172,31 @@ def train_tokens_per_s(model, batches, steps, warmup=3) -> float:
     times, tokens = [], []
     for i in range(warmup + steps):
         x, y, seqs, n_tok = batches[i % len(batches)]
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=DTYPE, enabled=DTYPE != torch.float32):
             logits = model(x, seqs=seqs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
             tokens.append(n_tok)
     return sum(tokens) / sum(times)
 
 
-def training_bench(layers: int, steps: int, B: int = 8, T: int = 2048, on_config=lambda result: None) -> dict:
+def training_bench(layers: int, steps: int, B: int = 8, T: int = 2048, on_config=lambda result: None,
+                   preset: str = "llama-1.1b") -> dict:
     """Trained tokens/s of each (batching, attention) pair; ``on_config(result so far)`` after each."""
-    cfg = lmstack.ModelConfig.from_preset("llama-1.1b", n_layers=layers)
+    cfg = lmstack.ModelConfig.from_preset(preset, n_layers=layers)
     torch.manual_seed(0)
-    model = lmstack.Transformer(cfg).cuda().train()
-    to_cuda = lambda b: (b[0].cuda(), b[1].cuda(), None if b[2] is None else b[2].to("cuda"), b[3])  # noqa: E731
-    packed, padded = ([to_cuda(b) for b in batches] for batches in training_batches(B, T, cfg.vocab_size))
+    model = lmstack.Transformer(cfg).to(DEVICE).train()
+    moved = lambda b: (b[0].to(DEVICE), b[1].to(DEVICE), None if b[2] is None else b[2].to(DEVICE), b[3])  # noqa: E731
+    packed, padded = ([moved(b) for b in batches] for batches in training_batches(B, T, cfg.vocab_size))
     slots = sum(b[0].numel() for b in padded)
-    result = {"preset": "llama-1.1b", "n_layers": layers, "rows": B, "packed_row_len": T,
+    result = {"preset": preset, "n_layers": layers, "rows": B, "packed_row_len": T,
               "padded_fill": sum(b[3] for b in padded) / slots, "tok_s": {}}
     for name, backend, batches in (("packed varlen, triton", "triton", packed),
                                    ("padded, triton", "triton", padded),
