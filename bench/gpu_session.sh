@@ -4,7 +4,8 @@
 # about 4 minutes to rerun one step on the still-warm machine.
 #
 #   here:   python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install torch==2.13.0 triton==3.6.0 numpy pytest \
-#               tokenizers safetensors pyyaml jinja2 tqdm              # the GPU machine's Triton, once
+#               tokenizers safetensors pyyaml jinja2 tqdm              # the GPU machine's Triton (3.6.0 in
+#               ../.library/device/KINDS.md's pip list as of 2026-11; use the version listed there), once
 #           PYTHONPATH=src /tmp/t36/bin/python bench/triton_cache.py   # 6 minutes on 2 CPU cores
 #               (it needs .whl/triton-3.6.0-cp312-*.whl for the key: its docstring says how to fetch it)
 #   run:    command "LMSTACK_COMMIT=<sha> bash bench/gpu_session.sh", carry [".triton-cache.tar.gz"],

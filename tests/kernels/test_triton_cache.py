@@ -5,7 +5,8 @@ driver, prunes each cache entry to its metadata and binary, and packs the cache.
 one workload under this machine's Triton (keys as this installation computes them), the archive is
 unpacked into an emptied cache directory as on the GPU machine, and the same launches are warmed
 again in a fresh process: every one must be a cache hit (no new entry, no compile), and each loaded
-kernel must still carry its binary. Subprocesses: the interpreter must be off when the kernels are
+kernel must still carry its binary; the host code's own launches (``_launch``) must hit the same
+entries. Subprocesses: the interpreter must be off when the kernels are
 decorated.
 """
 
@@ -31,8 +32,19 @@ import triton_cache as tc
 
 triton.runtime.driver.set_active(tc.CompileOnlyDriver())
 work = next(w for w in tc.test_work() if w.label == sys.argv[1])
-kernels = [k for call in tc.launches(work) for k in tc.warm(*call)]
-print("RESULT " + json.dumps({"kernels": len(kernels), "with_binary": sum(bool(k.asm.get("cubin")) for k in kernels)}))
+calls = tc.launches(work)
+kernels = [k for call in calls for k in tc.warm(*call)]
+# the host code's own launch (fp32: one fixed config) finds its kernel in the cache too, and gets as
+# far as the launch itself, which the compile-only driver cannot do
+reached_launch = []
+for name, args, meta in calls:
+    if name != "delta":
+        try:
+            tc.fa._launch(name, (1, 1, 1), *args.values(), **meta)
+        except AttributeError as e:
+            reached_launch.append("launcher_cls" in str(e))
+print("RESULT " + json.dumps({"kernels": len(kernels), "with_binary": sum(bool(k.asm.get("cubin")) for k in kernels),
+                              "reached_launch": reached_launch}))
 """
 
 
@@ -70,4 +82,5 @@ def test_kernels_compiled_ahead_load_from_the_cache(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.split("RESULT ", 1)[1])
     assert out["kernels"] == out["with_binary"] > 0, out
+    assert out["reached_launch"] == [True, True, True], out  # forward, dK/dV, dQ
     assert _entries(cache) == built, "a kernel compiled again instead of loading from the cache"
