@@ -221,12 +221,22 @@ def main() -> int:
             raise SystemExit(f"no .whl/triton-{triton.__version__}-cp312-*.whl: download it (see this script's "
                              "docstring) or pass --wheel / --same-python")
         digest = use_wheel_key(wheel)
-    shutil.rmtree(args.cache_dir, ignore_errors=True)
+    works = (bench_work() if args.only != "tests" else []) + (test_work() if args.only != "bench" else [])
+    if args.only_label:
+        labels = [w.label for w in works]
+        works = [w for w in works if w.label == args.only_label]
+        if not works:
+            raise SystemExit(f"no workload is labelled {args.only_label!r}; the labels: {', '.join(labels)}")
+    if args.cache_dir.exists() and any(args.cache_dir.iterdir()):
+        if not (args.cache_dir / "manifest.json").exists():  # never empty a directory this did not make
+            raise SystemExit(f"{args.cache_dir} is not empty and holds no manifest.json from this script: "
+                             "pass a new or empty --cache-dir")
+        shutil.rmtree(args.cache_dir)
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    (args.cache_dir / "manifest.json").write_text('{"complete": false}\n')  # marks the directory as this script's
     os.environ["TRITON_CACHE_DIR"] = str(args.cache_dir)
     triton.runtime.driver.set_active(CompileOnlyDriver())
 
-    works = (bench_work() if args.only != "tests" else []) + (test_work() if args.only != "bench" else [])
-    works = [w for w in works if w.label == args.only_label] if args.only_label else works
     t0, compiled = time.perf_counter(), 0
     # forked workers inherit the patched key and driver; Triton's cache takes concurrent writers
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
@@ -234,7 +244,7 @@ def main() -> int:
             compiled += n
             print(f"[{i + 1}/{len(works)}] {label}: {n} compiles, {time.perf_counter() - t0:.0f} s", flush=True)
     entries = prune(args.cache_dir)
-    manifest = {"triton": triton.__version__, "triton_key_sha256": digest, "commit": commit(),
+    manifest = {"complete": True, "triton": triton.__version__, "triton_key_sha256": digest, "commit": commit(),
                 "entries": entries, "workloads": len(works), "compile_s": round(time.perf_counter() - t0)}
     (args.cache_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     tmp = args.out.with_name(args.out.name + ".tmp")
