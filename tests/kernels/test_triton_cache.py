@@ -6,8 +6,7 @@ one workload under this machine's Triton (keys as this installation computes the
 unpacked into an emptied cache directory as on the GPU machine, and the same launches are warmed
 again in a fresh process: every one must be a cache hit (no new entry, no compile), and each loaded
 kernel must still carry its binary; the host code's own launches (``_launch``) must hit the same
-entries. Subprocesses: the interpreter must be off when the kernels are
-decorated.
+entries. Subprocesses: the interpreter must be off when the kernels are decorated.
 """
 
 import json
