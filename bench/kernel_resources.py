@@ -10,7 +10,7 @@ before any GPU time, so that the autotuner picks among configs that do not spill
 
 The kernels' arguments are the ones the real host code passes: ``_FlashAttn`` runs forward and
 backward on meta-device tensors of each workload's shape, with the launches captured instead of
-run, and each integer argument is specialised as Triton's JIT would (divisible by 16, equal to 1).
+run, and each is compiled through the JIT's own warm-up path, specialised as on a GPU.
 
     python bench/kernel_resources.py            # the configs in _CONFIGS, on the workloads below
     python bench/kernel_resources.py --sweep    # a grid of block sizes / warps / stages instead
@@ -37,8 +37,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile, not interpret (read when th
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from lmstack.kernels import flash_attention as fa  # noqa: E402
 
@@ -99,44 +98,33 @@ def captured_launches(B, S, Hq, Hkv, D, causal, varlen, window=(-1, -1),
     return [c for c in calls if c[0] != "delta"]
 
 
-def specialise(fn, args: dict, constants: dict):
-    """Triton's signature, constexprs and attributes for these argument values (as its JIT would)."""
-    from triton._C.libtriton import native_specialize_impl
+class CompileOnlyDriver:
+    """What Triton's JIT asks the CUDA driver for when it compiles without launching (warmup): the
+    device and stream (unused) and the target, an H100/H200."""
 
-    sig, consts, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constants:
-            sig[name], consts[name] = "constexpr", constants[name]
-            continue
-        x = args[name]
-        if x is None:
-            sig[name], consts[name] = "constexpr", None
-        elif isinstance(x, float):
-            sig[name] = "fp32"
-        elif isinstance(x, torch.Tensor):  # device allocations are 16-byte aligned
-            sig[name] = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-                               torch.int32: "i32"}[x.dtype]
-            attrs[(i,)] = BaseBackend.parse_attr("D")
-        else:
-            ty, desc = native_specialize_impl(BaseBackend, x, False, True, True)
-            if ty == "constexpr":
-                sig[name], consts[name] = "constexpr", desc
-            else:
-                sig[name] = ty
-                attrs[(i,)] = BaseBackend.parse_attr(desc)
-    return sig, consts, attrs
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return TARGET
+
+
+def compile_launch(name: str, args: dict, meta: dict, cfg: triton.Config | None = None):
+    """Compile one captured launch for sm_90a exactly as the JIT does on a GPU: its warm-up path
+    (specialisation, the EVEN heuristic, the cache), with a compile-only driver. ``cfg``: the
+    autotune config (None for "delta", which has none). Returns Triton's compiled kernel."""
+    triton.runtime.driver.set_active(CompileOnlyDriver())
+    if name == "delta":
+        return fa._bwd_delta_kernel.warmup(*args.values(), grid=(1,), **meta)
+    return fa._KERNELS[name].warmup(*args.values(), grid=(1,), **meta, **cfg.all_kwargs())
 
 
 def resources(name: str, args: dict, meta: dict, cfg: triton.Config) -> dict:
     """Compile one launch with one config for sm_90a; registers, stack (spill) bytes, shared memory."""
-    fn = fa._KERNELS[name]
-    constants = {**meta, **cfg.kwargs}
-    if isinstance(fn, triton.runtime.Heuristics):  # EVEN, computed from the arguments and the config
-        constants.update({k: f({**args, **constants}) for k, f in fn.values.items()})
-        fn = fn.fn
-    sig, consts, attrs = specialise(fn, args, constants)
-    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET,
-                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    kernel = compile_launch(name, args, meta, cfg)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()

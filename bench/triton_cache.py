@@ -139,26 +139,12 @@ def launches(w: Work) -> list[tuple[str, dict, dict]]:
     return kr.record_launches(q, k, v, cu_q, cu_k, max_q, max_k, w.causal, w.q[-1] ** -0.5, *w.window)
 
 
-class CompileOnlyDriver:
-    """What Triton's JIT asks the CUDA driver for when it compiles without launching (warmup)."""
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return kr.TARGET
-
-
 def warm(name: str, args: dict, meta: dict) -> list:
-    """Compile one launch as a GPU would, every config its autotuner tries (warmup: the JIT's
-    compile-without-launch path). Returns the compiled kernels (cache hits load instead)."""
+    """Compile one launch as a GPU would, every config its autotuner tries. Returns the compiled
+    kernels (cache hits load instead)."""
     if name == "delta":
-        return [fa._bwd_delta_kernel.warmup(*args.values(), grid=(1,), **meta)]
-    return [fa._KERNELS[name].warmup(*args.values(), grid=(1,), **meta, **cfg.all_kwargs())
-            for cfg in fa._gpu_configs(name, meta)]
+        return [kr.compile_launch(name, args, meta)]
+    return [kr.compile_launch(name, args, meta, cfg) for cfg in fa._gpu_configs(name, meta)]
 
 
 def warm_work(w: Work) -> tuple[str, int]:
@@ -235,10 +221,9 @@ def main() -> int:
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     (args.cache_dir / "manifest.json").write_text('{"complete": false}\n')  # marks the directory as this script's
     os.environ["TRITON_CACHE_DIR"] = str(args.cache_dir)
-    triton.runtime.driver.set_active(CompileOnlyDriver())
 
     t0, compiled = time.perf_counter(), 0
-    # forked workers inherit the patched key and driver; Triton's cache takes concurrent writers
+    # forked workers inherit the patched key; Triton's cache takes concurrent writers
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
         for i, (label, n) in enumerate(pool.imap_unordered(warm_work, works)):
             compiled += n

@@ -26,15 +26,13 @@ LABEL = "test backend"  # fp32, head dim 16: the quickest workload to compile
 REWARM = """
 import json, sys
 sys.path.insert(0, "bench")
-import triton
 import triton_cache as tc
 
-triton.runtime.driver.set_active(tc.CompileOnlyDriver())
 work = next(w for w in tc.test_work() if w.label == sys.argv[1])
 calls = tc.launches(work)
 kernels = [k for call in calls for k in tc.warm(*call)]
 # the host code's own launch (fp32: one fixed config) finds its kernel in the cache too, and gets as
-# far as the launch itself, which the compile-only driver cannot do
+# far as the launch itself, which the compile-only driver warm() left active cannot do
 reached_launch = []
 for name, args, meta in calls:
     if name != "delta":
