@@ -82,19 +82,27 @@ def record_launches(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left=-1, r
     return calls
 
 
-def meta_inputs(shape_q, shape_k, dtype=torch.bfloat16):
-    """q, k, v on the meta device (no memory), requiring grad."""
+def meta_launches(shape_q, shape_k, dtype, causal, window=(-1, -1), lens_q=None, lens_k=None):
+    """``record_launches`` for q (shape_q) and k/v (shape_k) on the meta device (no memory): fixed
+    lengths (B, S, H, D), or packed (total, H, D) sequences of lengths ``lens_q`` / ``lens_k``."""
     q = torch.empty(shape_q, device="meta", dtype=dtype, requires_grad=True)
     k, v = (torch.empty(shape_k, device="meta", dtype=dtype, requires_grad=True) for _ in range(2))
-    return q, k, v
+    if lens_q is None:
+        cu_q = cu_k = None
+        max_q, max_k = shape_q[1], shape_k[1]
+    else:
+        cu_q, cu_k = (torch.empty(len(lens_q) + 1, device="meta", dtype=torch.int32) for _ in range(2))
+        max_q, max_k = max(lens_q), max(lens_k)
+    return record_launches(q, k, v, cu_q, cu_k, max_q, max_k, causal, shape_q[-1] ** -0.5, *window)
 
 
 def captured_launches(B, S, Hq, Hkv, D, causal, varlen, window=(-1, -1),
                       dtype=torch.bfloat16) -> list[tuple[str, dict, dict]]:
     """The autotuned kernels' launches (forward, dK/dV, dQ) for one workload shape."""
-    shape_q, shape_k = ((B * S, Hq, D), (B * S, Hkv, D)) if varlen else ((B, S, Hq, D), (B, S, Hkv, D))
-    cu = torch.empty(B + 1, device="meta", dtype=torch.int32) if varlen else None
-    calls = record_launches(*meta_inputs(shape_q, shape_k, dtype), cu, cu, S, S, causal, D ** -0.5, *window)
+    if varlen:
+        calls = meta_launches((B * S, Hq, D), (B * S, Hkv, D), dtype, causal, window, [S] * B, [S] * B)
+    else:
+        calls = meta_launches((B, S, Hq, D), (B, S, Hkv, D), dtype, causal, window)
     return [c for c in calls if c[0] != "delta"]
 
 

@@ -129,14 +129,7 @@ def test_work() -> list[Work]:
 
 
 def launches(w: Work) -> list[tuple[str, dict, dict]]:
-    q, k, v = kr.meta_inputs(w.q, w.k, w.dtype)
-    if w.lens_q is None:
-        cu_q = cu_k = None
-        max_q, max_k = w.q[1], w.k[1]
-    else:
-        cu_q, cu_k = (torch.empty(len(w.lens_q) + 1, device="meta", dtype=torch.int32) for _ in range(2))
-        max_q, max_k = max(w.lens_q), max(w.lens_k)
-    return kr.record_launches(q, k, v, cu_q, cu_k, max_q, max_k, w.causal, w.q[-1] ** -0.5, *w.window)
+    return kr.meta_launches(w.q, w.k, w.dtype, w.causal, w.window, w.lens_q, w.lens_k)
 
 
 def warm(name: str, args: dict, meta: dict) -> list:
@@ -169,7 +162,7 @@ def use_wheel_key(wheel: Path) -> str:
             raise SystemExit(f"{wheel.name} is triton {version}, this python has {triton.__version__}: "
                              "install the GPU machine's version here")
         differ = [n for n in z.namelist() if n.endswith(".py") and n.startswith("triton/")
-                  and _sha256(z.open(n)) != _sha256(open(pkg.parent / n, "rb"))]
+                  and z.read(n) != (pkg.parent / n).read_bytes()]
         if differ:
             raise SystemExit(f"{len(differ)} Python files of {wheel.name} differ from the installed ones "
                              f"(first: {differ[0]}): install that wheel's build here")
