@@ -41,6 +41,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from lmstack.kernels import flash_attention as fa  # noqa: E402
 
+fa.check_compile_ahead()
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit, publish  # noqa: E402
 

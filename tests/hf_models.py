@@ -9,6 +9,16 @@ import lmstack
 FAMILIES = ("llama", "qwen2", "mistral")
 
 
+def load_hf(path):
+    """``AutoModelForCausalLM.from_pretrained(path)`` in fp32, eval mode (transformers before 4.56
+    names the dtype keyword ``torch_dtype``)."""
+    import transformers as tf
+    from packaging.version import Version
+
+    key = "dtype" if Version(tf.__version__) >= Version("4.56") else "torch_dtype"
+    return tf.AutoModelForCausalLM.from_pretrained(path, **{key: torch.float32}).eval()
+
+
 def tiny_hf(family: str = "llama", *, vocab=128, dim=64, layers=2, heads=4, kv_heads=2, ffn=96, max_len=128,
             window=None, tied=None, scale=1.0, seed=0):
     """(hf_model, lmstack_model) with identical weights, fp32, eval mode."""

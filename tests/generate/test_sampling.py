@@ -34,6 +34,17 @@ def left_padding(lengths: torch.Tensor) -> torch.Tensor:
     return torch.arange(T)[None, :] >= (T - lengths)[:, None]
 
 
+def hf_penalty_skips_padding() -> bool:
+    """Whether this transformers' ``generate`` leaves a left-padded prompt's padding out of the
+    repetition penalty, as lmstack does (5.23 on: a per-row ``prompt_ignore_length``). Older
+    versions penalise the pad id like any other token the row holds."""
+    try:
+        lp.RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.tensor([0, 1]))
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def same(a: torch.Tensor, b: torch.Tensor) -> None:
     assert torch.equal(torch.isinf(a), torch.isinf(b)), "different tokens were removed"
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -73,10 +84,12 @@ def test_repetition_penalty_matches_hf_and_skips_padding():
     for penalty in (0.7, 1.3, 2.0):
         hf = lp.RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
         same(apply_repetition_penalty(logits, ids, penalty), hf)
-    # HF generate ignores left padding: prompt_ignore_length = number of leading pad positions.
+    # Left padding is skipped: HF's prompt_ignore_length = the row's leading pad positions (one
+    # processor per row: transformers before 5.23 takes one int for the whole batch).
     lengths = torch.randint(1, T + 1, (B,))
     mask = left_padding(lengths)
-    hf = lp.RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=T - lengths)(ids, logits.clone())
+    hf = torch.cat([lp.RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=int(T - n))(
+        ids[i : i + 1], logits[i : i + 1].clone()) for i, n in enumerate(lengths)])
     same(apply_repetition_penalty(logits, ids, 1.5, mask), hf)
 
 
@@ -105,7 +118,10 @@ def hf_processors(ids: torch.Tensor, mask: torch.Tensor, **settings) -> lp.Logit
 def test_process_logits_matches_hf_generate_pipeline(settings, ties):
     logits = random_logits(ties)
     ids = torch.randint(0, V, (B, T))
-    mask = left_padding(torch.randint(1, T + 1, (B,)))
+    lengths = torch.randint(1, T + 1, (B,))
+    if "repetition_penalty" in settings and not hf_penalty_skips_padding():
+        lengths.fill_(T)  # an older transformers penalises padding too: compare unpadded rows
+    mask = left_padding(lengths)
     hf = hf_processors(ids, mask, **settings)(ids, logits.clone())
     ours = dict(settings)
     if not ours.pop("do_sample"):

@@ -9,6 +9,7 @@ import lmstack
 from lmstack import peft
 from lmstack.generate import generate
 from lmstack.generate.decode import STATIC_CACHE_ROUND, Steps
+from lmstack.kernels import TORCH_VERSION
 
 from ..hf_models import no_special_tokens, ragged_batch, tiny_hf
 
@@ -107,7 +108,34 @@ def test_compiled_static_step_matches_hf_and_is_reused():
         assert torch.equal(out.sequences, ref)
         if n == 12:
             graphs = counters["stats"]["unique_graphs"]
-    assert counters["stats"]["unique_graphs"] == graphs  # no recompile for the new lengths
+    if TORCH_VERSION >= (2, 5):  # torch 2.4 guards on the cache buffers' identity: each new cache recompiles
+        assert counters["stats"]["unique_graphs"] == graphs  # no recompile for the new lengths
+
+
+def test_compile_on_torch_2_4_takes_the_static_step(monkeypatch):
+    """torch 2.4's guards for dynamic shapes fail to evaluate, so its compiled usual-cache step
+    would recompile at every length: there ``compile=True`` defaults to the static step. (The
+    compiled step is swapped for the eager one here: what is checked is the choice and its tokens.)"""
+    from lmstack.generate import decode
+
+    chosen = []
+
+    class Spy(Steps):
+        def __init__(self, **kw):
+            chosen.append(kw)
+            super().__init__(**kw)
+
+    monkeypatch.setattr(decode, "Steps", Spy)
+    monkeypatch.setattr(decode, "compiled_static_step", lambda: decode.static_decode_step)
+    _, m = tiny_hf("llama", scale=3.0, seed=8)
+    ids, mask = ragged_batch([4, 7], seed=8)
+    ref = generate(m, ids, 10, attention_mask=mask, pad_token_id=PAD).sequences
+    for version, static in (((2, 4), True), ((2, 5), False)):
+        monkeypatch.setattr(decode, "TORCH_VERSION", version)
+        if not static:  # the usual cache's step, compiled: the eager one stands in for it too
+            monkeypatch.setattr(decode, "compiled_decode_step", lambda: decode.decode_step)
+        out = generate(m, ids, 10, attention_mask=mask, pad_token_id=PAD, compile=True).sequences
+        assert chosen[-1] == {"compile": True, "static": static} and torch.equal(out, ref)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -8,7 +8,7 @@ import torch
 import lmstack
 from lmstack.interop import from_hf, to_hf
 
-from ..hf_models import tiny_hf
+from ..hf_models import load_hf, tiny_hf
 
 
 def _save(hf, path, **kw):
@@ -41,12 +41,10 @@ def test_sharded_checkpoint_and_dtype(tmp_path, seed):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_to_hf_round_trip_loads_in_transformers(tmp_path, seed, family):
-    from transformers import AutoModelForCausalLM
-
     _, m = tiny_hf(family, seed=seed)
     out = to_hf(m, tmp_path / "out", max_shard_bytes=60_000)  # forces sharding
     assert (out / "model.safetensors.index.json").is_file()
-    hf2 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf2 = load_hf(out)
     x = torch.randint(0, 128, (2, 17))
     with torch.no_grad():
         assert (hf2(x).logits - m(x)).abs().max() < 1e-4

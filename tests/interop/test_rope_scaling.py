@@ -9,8 +9,10 @@ import torch
 import lmstack
 from lmstack.interop import from_hf, to_hf
 
+from ..hf_models import load_hf
+
 pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 V = 128
 
@@ -108,7 +110,7 @@ def test_dynamic_to_hf_round_trip(tmp_path, seed):
     out = to_hf(m, tmp_path / "out")
     hf_cfg = json.loads((out / "config.json").read_text())
     assert hf_cfg["max_position_embeddings"] == 32 and hf_cfg["rope_scaling"] == {"rope_type": "dynamic", "factor": 3.0}
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf = load_hf(out)
     x = torch.randint(0, V, (1, 90))
     with torch.no_grad():
         assert (hf(x).logits - m(x)).abs().max() < 1e-4

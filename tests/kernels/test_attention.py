@@ -132,7 +132,7 @@ def test_backends_agree_on_gradients(seed, mode):
         torch.manual_seed(seed)
         q, k, v = rand(B, Hq, Hkv, Tq, Tk, grad=True)
         out = attention(q, k, v, backend=backend, **kw)
-        w = torch.randn_like(out, generator=torch.Generator().manual_seed(seed))
+        w = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
         (out * w).sum().backward()
         grads.append((out.detach(), q.grad, k.grad, v.grad))
     for a, b in zip(*grads):
@@ -175,6 +175,30 @@ def test_works_without_triton(monkeypatch, seed):
     monkeypatch.delitem(sys.modules, "lmstack.kernels.flash_attention", raising=False)
     monkeypatch.delattr(lmstack.kernels, "flash_attention", raising=False)  # imported by test collection
     with pytest.raises(ImportError, match="needs triton"):
+        importlib.import_module("lmstack.kernels.flash_attention")
+    assert _triton_importable.__wrapped__() is False
+    q, k, v = rand(1, 2, 2, 5, 5)
+    torch.testing.assert_close(attention(q, k, v), attention(q, k, v, backend="reference"))
+
+
+def test_old_triton_falls_back_to_sdpa(monkeypatch, seed):
+    # A Triton older than the kernels support (torch 2.4 ships 3.0) is as good as none: the flash
+    # module refuses it in one line that says what to install, and "sdpa" stays the automatic choice.
+    import importlib
+    import sys
+    import types
+
+    import lmstack.kernels
+    from lmstack.kernels import _triton_importable
+
+    old = types.ModuleType("triton")
+    old.__version__ = "3.1.0"
+    old.language = types.ModuleType("triton.language")
+    monkeypatch.setitem(sys.modules, "triton", old)
+    monkeypatch.setitem(sys.modules, "triton.language", old.language)
+    monkeypatch.delitem(sys.modules, "lmstack.kernels.flash_attention", raising=False)
+    monkeypatch.delattr(lmstack.kernels, "flash_attention", raising=False)
+    with pytest.raises(ImportError, match=r"need triton >= 3\.2, found 3\.1\.0: pip install -U 'triton>=3\.2'"):
         importlib.import_module("lmstack.kernels.flash_attention")
     assert _triton_importable.__wrapped__() is False
     q, k, v = rand(1, 2, 2, 5, 5)

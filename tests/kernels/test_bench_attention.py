@@ -15,6 +15,10 @@ import torch
 
 pytest.importorskip("triton")
 
+from . import require_kernels  # noqa: E402
+
+require_kernels()
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -10,6 +10,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from . import require_kernels  # noqa: E402
+
+require_kernels()
+
 import lmstack  # noqa: E402
 from lmstack.kernels import Seqs, attention, attention_ref, window_mask  # noqa: E402
 from lmstack.kernels.flash_attention import flash_attn_func, flash_attn_varlen_func  # noqa: E402

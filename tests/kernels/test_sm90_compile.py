@@ -19,6 +19,10 @@ import pytest
 
 pytest.importorskip("triton")
 
+from . import require_kernels  # noqa: E402
+
+require_kernels(tools=True)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """

@@ -11,11 +11,10 @@ import torch
 import lmstack
 import lmstack.peft as peft
 
-from ..hf_models import tiny_hf
+from ..hf_models import load_hf, tiny_hf
 
 pytest.importorskip("peft")
 from peft import PeftModel, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 TOL = 1e-4
 
@@ -33,7 +32,7 @@ def base_pair(tmp_path, family, seed):
     hf.save_pretrained(tmp_path / "hf")
     m = lmstack.from_hf(tmp_path / "hf")
     lmstack.to_hf(m, tmp_path / "export")
-    return m, AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    return m, load_hf(tmp_path / "export")
 
 
 CASES = {

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import TORCH_VERSION
 from .sampling import check_sampling_args, is_greedy, process_logits, sample
 
 @dataclass
@@ -331,8 +332,8 @@ def generate(
         RNG alone.
     compile: run the decode step through ``torch.compile`` (see ``compiled_decode_step``).
     static_cache: decode on a static-shape cache (``static_decode_step``): with ``compile`` each
-        step is one CUDA graph replay. None (default) = on when compiling on a CUDA device. On a
-        CPU the usual cache is faster (it attends over the filled slots only).
+        step is one CUDA graph replay. None (default) = on when compiling on a CUDA device (or on
+        torch 2.4). On a CPU the usual cache is faster (it attends over the filled slots only).
     num_beams: > 1 = deterministic beam search (``lmstack.generate.beam``, HF's
         ``generate(num_beams=N, do_sample=False)`` rules); needs temperature 0 or None.
     num_return_sequences: with beam search, how many of the best hypotheses per prompt to return
@@ -358,7 +359,10 @@ def generate(
     check_length(model, ids.shape[1], max_new_tokens)
     check_ids(model, ids, pad_mask)
     if static_cache is None:
-        static_cache = compile and device.type == "cuda"
+        # also on torch 2.4, whose dynamic-shape guards fail to evaluate ("name 'FloatTrueDiv' is not
+        # defined"), so the usual cache's compiled step would recompile at every new length (about a
+        # minute each); its static step recompiles once per generate call instead (a new cache)
+        static_cache = compile and (device.type == "cuda" or TORCH_VERSION < (2, 5))
     steps = Steps(compile=compile, static=static_cache)
     if num_beams > 1 or num_return_sequences != 1:
         from .beam import beam_search, check_beam_args  # imported here: beam builds on this module

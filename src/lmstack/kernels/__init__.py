@@ -37,7 +37,15 @@ from .seqs import Seqs
 __all__ = ["attention", "attention_mask", "attention_ref", "attention_tiled_ref", "window_mask", "Seqs", "BACKENDS"]
 
 BACKENDS = ("sdpa", "reference", "triton")
-_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """A package version's (major, minor): "2.11.0+cu130" -> (2, 11)."""
+    return tuple(int(x) for x in version.split("+")[0].split(".")[:2] if x.isdigit())
+
+
+TORCH_VERSION = version_tuple(torch.__version__)
+_SDPA_HAS_GQA = TORCH_VERSION >= (2, 5)
 
 
 def attention(
@@ -90,7 +98,7 @@ def _sdpa(q, k, v, *, causal, mask, scale):
         # Fold the G query heads of each K/V head into the query axis: (B, Hkv, G, D); a mask
         # (B|1, 1, 1, Tk) is the same for all of them.
         o = F.scaled_dot_product_attention(q.view(B, Hkv, G, D), k, v, attn_mask=mask, scale=scale)
-        return o.view(B, Hq, 1, D)
+        return o.reshape(B, Hq, 1, D)  # a view, except where torch 2.4's kernels return other strides
     kw = {}
     if G > 1:
         if _SDPA_HAS_GQA:

@@ -36,13 +36,38 @@ import os
 
 import torch
 
+from . import version_tuple
+
 try:
     import triton
     import triton.language as tl
 except ImportError as e:  # pragma: no cover - exercised only without triton
     raise ImportError("lmstack.kernels.flash_attention needs triton: pip install triton") from e
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "supported_head_dim", "INTERPRET"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "supported_head_dim", "INTERPRET", "MIN_TRITON"]
+
+# The oldest Triton the kernels are tested with (3.2 and 3.6 in the interpreter, 3.6 and 3.9 compiled
+# for sm_90a, 3.9 in CI). Under 3.0 and 3.1 (torch 2.4's and 2.5's) the interpreter stops at the
+# first kernel ("arange's arguments must be of type tl.constexpr"); there lmstack uses SDPA.
+MIN_TRITON = (3, 2)
+
+
+def check_triton_version(version: str, need: tuple[int, int] = MIN_TRITON, what: str = "lmstack's Triton kernels",
+                         instead: str = ", or use the 'sdpa' attention backend") -> None:
+    """Raise ImportError (so ``lmstack.kernels`` falls back to SDPA) on a Triton ``version`` older than ``need``."""
+    if version_tuple(version) < need:
+        least = ".".join(map(str, need))
+        raise ImportError(f"{what} need triton >= {least}, found {version}: pip install -U 'triton>={least}'{instead}")
+
+
+check_triton_version(triton.__version__)
+
+
+def check_compile_ahead() -> None:
+    """ImportError unless this Triton can compile the kernels ahead without a GPU, as
+    bench/kernel_resources.py and bench/triton_cache.py do through the JIT's warm-up path with a
+    compile-only driver: those internals are Triton 3.6's (the GPU machine's; tested with 3.6 and 3.9)."""
+    check_triton_version(triton.__version__, (3, 6), "bench/kernel_resources.py and bench/triton_cache.py", "")
 
 # Triton reads TRITON_INTERPRET when it decorates a kernel, i.e. when this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
