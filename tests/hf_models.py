@@ -13,9 +13,10 @@ def load_hf(path):
     """``AutoModelForCausalLM.from_pretrained(path)`` in fp32, eval mode (transformers before 4.56
     names the dtype keyword ``torch_dtype``)."""
     import transformers as tf
-    from packaging.version import Version
 
-    key = "dtype" if Version(tf.__version__) >= Version("4.56") else "torch_dtype"
+    from lmstack.kernels import version_tuple
+
+    key = "dtype" if version_tuple(tf.__version__) >= (4, 56) else "torch_dtype"
     return tf.AutoModelForCausalLM.from_pretrained(path, **{key: torch.float32}).eval()
 
 

@@ -162,43 +162,35 @@ def test_bad_head_counts():
         attention(*rand(1, 2, 2, 3, 3), backend="magic")
 
 
-def test_works_without_triton(monkeypatch, seed):
-    # lmstack.kernels never imports triton up front; without it, "sdpa" stays the automatic choice
-    # and the flash module says what is missing.
-    import importlib
-    import sys
-
-    import lmstack.kernels
-    from lmstack.kernels import _triton_importable
-
-    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
-    monkeypatch.delitem(sys.modules, "lmstack.kernels.flash_attention", raising=False)
-    monkeypatch.delattr(lmstack.kernels, "flash_attention", raising=False)  # imported by test collection
-    with pytest.raises(ImportError, match="needs triton"):
-        importlib.import_module("lmstack.kernels.flash_attention")
-    assert _triton_importable.__wrapped__() is False
-    q, k, v = rand(1, 2, 2, 5, 5)
-    torch.testing.assert_close(attention(q, k, v), attention(q, k, v, backend="reference"))
-
-
-def test_old_triton_falls_back_to_sdpa(monkeypatch, seed):
-    # A Triton older than the kernels support (torch 2.4 ships 3.0) is as good as none: the flash
-    # module refuses it in one line that says what to install, and "sdpa" stays the automatic choice.
-    import importlib
-    import sys
+def _old_triton():
+    """A stand-in for a Triton older than the kernels support (torch 2.4 ships 3.0)."""
     import types
-
-    import lmstack.kernels
-    from lmstack.kernels import _triton_importable
 
     old = types.ModuleType("triton")
     old.__version__ = "3.1.0"
     old.language = types.ModuleType("triton.language")
-    monkeypatch.setitem(sys.modules, "triton", old)
-    monkeypatch.setitem(sys.modules, "triton.language", old.language)
+    return old
+
+
+@pytest.mark.parametrize("triton, error", [
+    (None, "needs triton"),  # None in sys.modules makes `import triton` raise ImportError
+    (_old_triton(), r"need triton >= 3\.2, found 3\.1\.0: pip install -U 'triton>=3\.2'"),
+], ids=["absent", "too-old"])
+def test_works_without_a_usable_triton(monkeypatch, seed, triton, error):
+    # lmstack.kernels never imports triton up front; without it, or with one too old, "sdpa" stays
+    # the automatic choice and the flash module says in one line what is missing.
+    import importlib
+    import sys
+
+    import lmstack.kernels
+    from lmstack.kernels import _triton_importable
+
+    monkeypatch.setitem(sys.modules, "triton", triton)
+    if triton is not None:
+        monkeypatch.setitem(sys.modules, "triton.language", triton.language)
     monkeypatch.delitem(sys.modules, "lmstack.kernels.flash_attention", raising=False)
-    monkeypatch.delattr(lmstack.kernels, "flash_attention", raising=False)
-    with pytest.raises(ImportError, match=r"need triton >= 3\.2, found 3\.1\.0: pip install -U 'triton>=3\.2'"):
+    monkeypatch.delattr(lmstack.kernels, "flash_attention", raising=False)  # imported by test collection
+    with pytest.raises(ImportError, match=error):
         importlib.import_module("lmstack.kernels.flash_attention")
     assert _triton_importable.__wrapped__() is False
     q, k, v = rand(1, 2, 2, 5, 5)
