@@ -9,7 +9,6 @@ import lmstack
 from lmstack import peft
 from lmstack.generate import generate
 from lmstack.generate.decode import STATIC_CACHE_ROUND, Steps
-from lmstack.kernels import TORCH_VERSION
 
 from ..hf_models import no_special_tokens, ragged_batch, tiny_hf
 
@@ -65,6 +64,10 @@ def test_static_with_virtual_tokens_equals_usual_cache(method):
     assert torch.equal(generate(m, prompts, 16, pad_token_id=PAD, static_cache=True).sequences, usual)
     assert torch.equal(generate(m, [prompts[1]], 16, static_cache=True).sequences,
                        generate(m, [prompts[1]], 16).sequences)
+    beams = [generate(m, prompts, 12, pad_token_id=PAD, num_beams=3, num_return_sequences=2, static_cache=s)
+             for s in (False, True)]  # each prompt's prefill, virtual tokens included, copied to its beams
+    assert torch.equal(beams[0].sequences, beams[1].sequences)
+    torch.testing.assert_close(beams[0].scores, beams[1].scores, atol=1e-5, rtol=0)
 
 
 def test_static_cache_size_is_rounded_up():
@@ -87,9 +90,87 @@ def test_static_step_bad_input():
     m(torch.tensor([[1, 2, 3]]), cache=cache)
     with pytest.raises(ValueError, match="cache_slots"):
         m(torch.tensor([[4]]), cache=cache, cache_slots=cache.static_slot())  # no positions
-    cache.reorder(torch.tensor([0]))  # a permutation is fine
-    with pytest.raises(ValueError, match="static cache keeps its batch size"):
+    cache.reorder(torch.tensor([0]))  # one index per row is fine
+    with pytest.raises(ValueError, match="one index per cache row"):
         cache.reorder(torch.tensor([0, 0]))
+    beams = m.setup_cache(2, 16)
+    with pytest.raises(ValueError, match="copy_rows fills an empty cache of 2 rows"):
+        beams.copy_rows(cache, torch.tensor([0, 0, 0]))
+    beams.copy_rows(cache, torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="into one holding 3"):  # not empty any more
+        beams.copy_rows(cache, torch.tensor([0, 0]))
+
+
+def test_copy_rows_equals_prefilling_each_row():
+    """Beam search prefills each prompt once and copies its cache rows to its beams: the copy holds
+    what prefilling the repeated prompts would (padding and a prefix's virtual keys included)."""
+    from lmstack.generate.decode import padded_positions, prefill
+
+    _, m = tiny_hf("llama", seed=11)
+    torch.manual_seed(11)
+    peft.apply(m, "prefix", num_virtual_tokens=3)
+    with torch.no_grad():
+        for p in (p for p in m.parameters() if p.requires_grad):
+            p.normal_(0, 1.0)
+    ids, mask = ragged_batch([4, 7], seed=11)
+    pad = mask.bool()
+    rows = torch.tensor([0, 0, 1, 1, 1])
+    with torch.no_grad():
+        prompts = m.setup_cache(2, 7)
+        prefill(m, ids, prompts, padded_positions(pad), pad)
+        copied = m.setup_cache(5, 20)
+        copied.copy_rows(prompts, rows)
+        direct = m.setup_cache(5, 20)
+        prefill(m, ids[rows], direct, padded_positions(pad[rows]), pad[rows])
+    assert copied.length == direct.length == 3 + 7
+    assert torch.equal(copied.key_valid, direct.key_valid)
+    for a, b in zip((*copied.k, *copied.v), (*direct.k, *direct.v)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_static_cache_is_reused_across_calls():
+    """A second call of the same batch size and cache size decodes on the first call's buffers
+    (CUDA graphs replay on their addresses), zeroed: stale NaNs in them change nothing. Another
+    size gets a new cache, which is kept instead."""
+    from lmstack.generate.decode import STATIC_CACHES
+
+    _, m = tiny_hf("llama", scale=3.0, seed=9)
+    ids, mask = ragged_batch([5, 8], seed=9)
+    ref = generate(m, ids, 12, attention_mask=mask, pad_token_id=PAD).sequences
+    out = generate(m, ids, 12, attention_mask=mask, pad_token_id=PAD, static_cache=True).sequences
+    kept = STATIC_CACHES[m]
+    assert torch.equal(out, ref) and kept.batch_size == 2
+    with torch.inference_mode():  # generate made them inference tensors
+        for t in (*kept.k, *kept.v):
+            t.fill_(float("nan"))
+    assert torch.equal(generate(m, ids[:, 3:], 20, attention_mask=mask[:, 3:], pad_token_id=PAD,
+                                static_cache=True).sequences,
+                       generate(m, ids[:, 3:], 20, attention_mask=mask[:, 3:], pad_token_id=PAD).sequences)
+    assert STATIC_CACHES[m] is kept and not any(bool(t.isnan().any()) for t in kept.k)
+    beams = generate(m, ids, 12, attention_mask=mask, pad_token_id=PAD, num_beams=3, static_cache=True)
+    assert STATIC_CACHES[m] is not kept and STATIC_CACHES[m].batch_size == 6  # 2 prompts x 3 beams
+    usual = generate(m, ids, 12, attention_mask=mask, pad_token_id=PAD, num_beams=3)
+    assert torch.equal(beams.sequences, usual.sequences)
+    assert torch.equal(generate(m, ids, 12, attention_mask=mask, pad_token_id=PAD, num_beams=3,
+                                static_cache=True).sequences, usual.sequences)
+    generate(m, ids, 12, attention_mask=mask, pad_token_id=PAD)  # the usual cache leaves it alone
+    assert STATIC_CACHES[m].batch_size == 6
+
+
+def test_a_static_cache_in_use_is_not_shared():
+    """A call that starts while another decodes (a generator's steps interleaved, or a thread)
+    gets a cache of its own."""
+    from lmstack.generate.decode import STATIC_CACHES
+
+    _, m = tiny_hf("llama", seed=10)
+    first, second = Steps(static=True), Steps(static=True)
+    a = first.setup_cache(m, 1, 20)
+    b = second.setup_cache(m, 1, 20)
+    assert a is not b and m not in STATIC_CACHES
+    first.close()
+    second.close()
+    assert STATIC_CACHES[m] is b
+    assert Steps(static=True).setup_cache(m, 1, 30) is b  # same layout: reused
 
 
 def test_compiled_static_step_matches_hf_and_is_reused():
@@ -108,8 +189,7 @@ def test_compiled_static_step_matches_hf_and_is_reused():
         assert torch.equal(out.sequences, ref)
         if n == 12:
             graphs = counters["stats"]["unique_graphs"]
-    if TORCH_VERSION >= (2, 5):  # torch 2.4 guards on the cache buffers' identity: each new cache recompiles
-        assert counters["stats"]["unique_graphs"] == graphs  # no recompile for the new lengths
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile for the new lengths
 
 
 def test_compile_on_torch_2_4_takes_the_static_step(monkeypatch):
@@ -144,13 +224,17 @@ def test_cuda_graph_decode_matches_eager():
     eager usual-cache decode, and no step falls back from CUDA graphs."""
     from torch._dynamo.utils import counters
 
+    from lmstack.generate.decode import STATIC_CACHES
+
     _, m = tiny_hf("llama", scale=3.0, seed=7)
     m = m.cuda()
     ids, mask = ragged_batch([6, 2, 9], seed=7)
     ids, mask = ids.cuda(), mask.cuda()
     ref = generate(m, ids, 24, attention_mask=mask, pad_token_id=PAD).sequences
-    skips = counters["inductor"]["cudagraph_skips"]
+    skips, caches = counters["inductor"]["cudagraph_skips"], set()
     for _ in range(3):  # warm-up, recording, replays
         out = generate(m, ids, 24, attention_mask=mask, pad_token_id=PAD, compile=True).sequences
         assert torch.equal(out, ref)
+        caches.add(id(STATIC_CACHES[m]))
     assert counters["inductor"]["cudagraph_skips"] == skips
+    assert len(caches) == 1  # every call replayed on the same buffers

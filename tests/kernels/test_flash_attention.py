@@ -154,7 +154,7 @@ def test_varlen_matches_per_sequence_reference(seed, case):
 @pytest.mark.parametrize("dtype", [
     torch.float16,
     pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-        DEVICE == "cpu", reason="Triton 3.9's interpreter multiplies bf16 tiles as raw uint16 bits")),
+        DEVICE == "cpu", reason="the Triton interpreter (seen in 3.9) multiplies bf16 tiles as raw uint16 bits")),
 ])
 def test_half_precision_inputs(seed, dtype):
     q, k, v = leaves((1, 40, 2, 64), (1, 40, 1, 64), (1, 40, 1, 64))

@@ -7,9 +7,10 @@ best ``N`` that do not end, and moves the ones that end (EOS, or the length limi
 ``N`` finished hypotheses ranked by ``sum_logprob / L ** length_penalty``.
 
 Beams are batch rows: row ``b * N + j`` is beam ``j`` of prompt ``b``, all in one KV cache of
-``B * N`` rows. The prompt is prefilled once (``B`` rows) and its cache rows copied ``N`` times;
-after each step ``cache.reorder`` gathers the rows of the beams that were extended, so every beam's
-keys follow it. Positions and key padding are shared by the beams of one prompt.
+``B * N`` rows. The prompt is prefilled once (``B`` rows) and its cache rows copied ``N`` times
+(``copy_rows``); after each step ``cache.reorder`` gathers the rows of the beams that were
+extended, so every beam's keys follow it. Positions and key padding are shared by the beams of
+one prompt.
 
 HF's rules (transformers 5.x ``GenerationMixin._beam_search``), all matched here:
 
@@ -153,10 +154,12 @@ def beam_search(
     base = torch.arange(B, device=dev)[:, None] * N  # (B, 1) first beam row of each prompt
 
     steps = steps or Steps()
-    cache = steps.setup_cache(model, B, total)
     positions = None if pad_mask is None else padded_positions(pad_mask)  # (B, T)
-    logits = prefill(model, ids, cache, positions, pad_mask)[rows]  # (B*N, V): one prefill per prompt
-    cache.reorder(rows)  # B -> B*N rows, each prompt's keys copied to its beams
+    prompts = model.setup_cache(B, T)
+    logits = prefill(model, ids, prompts, positions, pad_mask)[rows]  # (B*N, V): one prefill per prompt
+    cache = steps.setup_cache(model, B * N, total)
+    cache.copy_rows(prompts, rows)  # each prompt's keys copied to its beams
+    del prompts
     pos = None if positions is None else positions[rows, -1:] + 1  # (B*N, 1), advanced in place
 
     seq = ids.new_full((B * N, total), pad_id)  # running beams; pad past the end (fills short hypotheses)

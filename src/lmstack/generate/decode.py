@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..kernels import TORCH_VERSION
 from .sampling import check_sampling_args, is_greedy, process_logits, sample
+
+if TYPE_CHECKING:
+    from ..model.cache import KVCache
 
 @dataclass
 class GenerateOutput:
@@ -74,6 +79,13 @@ def compiled_static_step():
 
 STATIC_CACHE_ROUND = 256  # static caches are sized up to a multiple of this: fewer distinct graphs
 
+# model -> the static cache its last ``generate`` call decoded on, kept for the next call (as HF
+# keeps its StaticCache and gpt-fast its caches). Reused, the buffers keep their addresses, so the
+# compiled step replays its CUDA graph on them instead of recording a new one for every call (and
+# torch 2.4, which guards on their identity, does not recompile). A call takes it out while it
+# decodes, so concurrent calls never share one. ``STATIC_CACHES.pop(model, None)`` frees it.
+STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 class Steps:
     """How a decode loop runs its one-token steps, and the cache they need.
@@ -81,17 +93,31 @@ class Steps:
     Default: ``decode_step``, eager, on a cache of exactly the tokens needed. ``compile``: through
     ``compiled_decode_step``. ``static``: ``static_decode_step`` (through ``compiled_static_step``
     when compiling) on a cache rounded up to ``STATIC_CACHE_ROUND`` slots, so prompts of similar
-    lengths share one graph; the slot, the positions of an unpadded batch and the cache length
-    are handled here, outside the graph."""
+    lengths share one graph, and reused across calls (``STATIC_CACHES``; ``close`` gives it
+    back); the slot, the positions of an unpadded batch and the cache length are handled here,
+    outside the graph."""
 
     def __init__(self, *, compile: bool = False, static: bool = False):
         self.compile, self.static = compile, static
+        self.taken: tuple[torch.nn.Module, KVCache] | None = None  # (model, static cache) to give back
 
     def setup_cache(self, model: torch.nn.Module, batch_size: int, total: int):
-        if self.static:  # rounded up, within the context (never below total: setup_cache reports that)
-            room = model.config.max_seq_len - model.virtual_tokens
-            total = max(total, min(-(-total // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND, room))
-        return model.setup_cache(batch_size, total)
+        if not self.static:
+            return model.setup_cache(batch_size, total)
+        # rounded up, within the context (never below total: setup_cache reports that)
+        room = model.config.max_seq_len - model.virtual_tokens
+        total = max(total, min(-(-total // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND, room))
+        self.close()
+        cache = model.setup_cache(batch_size, total, reuse=STATIC_CACHES.pop(model, None))
+        self.taken = (model, cache)
+        return cache
+
+    def close(self) -> None:
+        """Keep the static cache handed out (if any) for the model's next call."""
+        if self.taken is not None:
+            model, cache = self.taken
+            STATIC_CACHES[model] = cache
+            self.taken = None
 
     def __call__(self, model: torch.nn.Module, token: torch.Tensor, cache, positions: torch.Tensor | None):
         """Feed ``token`` (B, 1) at the cache's end (RoPE ``positions`` (B, 1), or None for the
@@ -334,6 +360,7 @@ def generate(
     static_cache: decode on a static-shape cache (``static_decode_step``): with ``compile`` each
         step is one CUDA graph replay. None (default) = on when compiling on a CUDA device (or on
         torch 2.4). On a CPU the usual cache is faster (it attends over the filled slots only).
+        The static cache stays allocated for the model's next call (``STATIC_CACHES``).
     num_beams: > 1 = deterministic beam search (``lmstack.generate.beam``, HF's
         ``generate(num_beams=N, do_sample=False)`` rules); needs temperature 0 or None.
     num_return_sequences: with beam search, how many of the best hypotheses per prompt to return
@@ -361,7 +388,7 @@ def generate(
     if static_cache is None:
         # also on torch 2.4, whose dynamic-shape guards fail to evaluate ("name 'FloatTrueDiv' is not
         # defined"), so the usual cache's compiled step would recompile at every new length (about a
-        # minute each); its static step recompiles once per generate call instead (a new cache)
+        # minute each); its static step compiles once per batch and cache size (the cache is reused)
         static_cache = compile and (device.type == "cuda" or TORCH_VERSION < (2, 5))
     steps = Steps(compile=compile, static=static_cache)
     if num_beams > 1 or num_return_sequences != 1:
@@ -371,7 +398,7 @@ def generate(
         if not is_greedy(temperature):
             raise ValueError(f"num_beams={num_beams} is deterministic beam search; pass temperature=0 (got {temperature})")
 
-        with cpu_decode_layout(model):
+        with cpu_decode_layout(model), contextlib.closing(steps):
             return beam_search(
                 model, ids, pad_mask, max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
                 length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
@@ -383,7 +410,7 @@ def generate(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         repetition_penalty=repetition_penalty, generator=make_generator(seed, device),
     )
-    with cpu_decode_layout(model), torch.inference_mode():
+    with cpu_decode_layout(model), contextlib.closing(steps), torch.inference_mode():
         seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0, steps=steps)
     return GenerateOutput(sequences=seq)
 

@@ -38,9 +38,21 @@ class KVCache:
         self.key_valid: torch.Tensor | None = None  # (B, max_len) bool, only when there is padding
         self.slot: torch.Tensor | None = None  # (1,) int64, the next slot of static-shape steps
 
-    def reset(self) -> None:
+    def reset(self, *, zero: bool = False) -> None:
+        """Empty the cache for the next prompt; its buffers keep their addresses. ``zero``: also
+        zero them, so a reused cache is the same as a new one (a static step attends over every
+        slot, masked, and a stale NaN would survive its zero weight)."""
         self.length = 0
         self.key_valid = None
+        if zero:
+            for t in (*self.k, *self.v):
+                t.zero_()
+
+    def fits(self, n_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether this cache has ``n_layers`` buffers of ``shape`` (batch, kv heads, max_len, head
+        dim), ``dtype`` and ``device`` each."""
+        k = self.k[0]
+        return len(self.k) == n_layers and tuple(k.shape) == shape and k.dtype == dtype and k.device == device
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None
@@ -93,17 +105,31 @@ class KVCache:
         return self.slot
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Select/permute batch rows in place (beam search). A permutation of the same number of
-        rows (every beam step) copies only the filled ``[0, length)`` part, into the same buffers."""
-        same, L = index.numel() == self.batch_size, self.length
-        if not same and self.slot is not None:
-            raise ValueError("a static cache keeps its batch size; reorder it with a permutation of its rows")
-        for buf in (self.k, self.v):
-            for i, t in enumerate(buf):
-                if same:
-                    t[:, :, :L] = t[:, :, :L].index_select(0, index)
-                else:
-                    buf[i] = t.index_select(0, index)
+        """Regather the rows in place (beam search): row ``i`` becomes row ``index[i]``, one index
+        per row. Copies only the filled ``[0, length)`` part, into the same buffers."""
+        if index.numel() != self.batch_size:
+            raise ValueError(
+                f"reorder takes one index per cache row ({self.batch_size}), got {index.numel()}; "
+                "for another batch size set up a new cache and copy_rows into it"
+            )
+        L = self.length
+        for t in (*self.k, *self.v):
+            t[:, :, :L] = t[:, :, :L].index_select(0, index)
         if self.key_valid is not None:
             self.key_valid = self.key_valid.index_select(0, index)
-        self.batch_size = int(index.numel())
+
+    def copy_rows(self, src: KVCache, index: torch.Tensor) -> None:
+        """Fill this empty cache with rows ``index`` (one per row of this cache) of ``src``'s
+        filled part: beam search prefills each prompt once and copies it to its beams."""
+        L = src.length
+        if self.length or index.numel() != self.batch_size or L > self.max_len:
+            raise ValueError(
+                f"copy_rows fills an empty cache of {self.batch_size} rows x {self.max_len} slots; got "
+                f"{index.numel()} rows of {L} tokens into one holding {self.length}"
+            )
+        for dst, s in zip((*self.k, *self.v), (*src.k, *src.v)):
+            dst[:, :, :L] = s[:, :, :L].index_select(0, index)
+        if src.key_valid is not None:
+            self.key_valid = torch.ones(self.batch_size, self.max_len, dtype=torch.bool, device=src.key_valid.device)
+            self.key_valid[:, :L] = src.key_valid[:, :L].index_select(0, index)
+        self.length = L

@@ -113,10 +113,12 @@ class Transformer(nn.Module):
     # -- KV cache -----------------------------------------------------------------------------
     def setup_cache(
         self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        device: torch.device | str | None = None, reuse: KVCache | None = None,
     ) -> KVCache:
         """Allocate a KV cache for ``batch_size`` rows of up to ``max_len`` tokens (default: context),
-        plus room for the model's ``virtual_tokens``."""
+        plus room for the model's ``virtual_tokens``. ``reuse``: a cache from earlier; if it has
+        this layout it is emptied, zeroed and returned (its buffers keep their addresses, which
+        CUDA graphs need), else it is dropped before the new one is allocated."""
         cfg = self.config
         V = self.virtual_tokens
         max_len = cfg.max_seq_len - V if max_len is None else max_len
@@ -124,10 +126,13 @@ class Transformer(nn.Module):
             extra = f" + {V} virtual tokens" if V else ""
             raise ValueError(f"cache max_len={max_len}{extra} exceeds the model context max_seq_len={cfg.max_seq_len}")
         p = self.embed_tokens.weight
-        return KVCache(
-            cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_len + V,
-            dtype=dtype or p.dtype, device=device or p.device,
-        )
+        dtype, device = dtype or p.dtype, torch.device(device) if device is not None else p.device
+        shape = (batch_size, cfg.n_kv_heads, max_len + V, cfg.head_dim)
+        if reuse is not None and reuse.fits(cfg.n_layers, shape, dtype, device):
+            reuse.reset(zero=True)
+            return reuse
+        reuse = None  # frees it first (the caller passes the only reference)
+        return KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_len + V, dtype=dtype, device=device)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(
