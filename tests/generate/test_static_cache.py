@@ -213,7 +213,7 @@ def test_compile_on_torch_2_4_takes_the_static_step(monkeypatch):
     for version, static in (((2, 4), True), ((2, 5), False)):
         monkeypatch.setattr(decode, "TORCH_VERSION", version)
         if not static:  # the usual cache's step, compiled: the eager one stands in for it too
-            monkeypatch.setattr(decode, "compiled_decode_step", lambda: decode.decode_step)
+            monkeypatch.setattr(decode, "compiled_decode_step", lambda device_type: decode.decode_step)
         out = generate(m, ids, 10, attention_mask=mask, pad_token_id=PAD, compile=True).sequences
         assert chosen[-1] == {"compile": True, "static": static} and torch.equal(out, ref)
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sysconfig
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,11 +64,18 @@ def static_decode_step(
 
 
 @functools.cache
-def compiled_decode_step():
+def compiled_decode_step(device_type: str = "cpu"):
     """``decode_step`` through ``torch.compile`` (gpt-fast): one graph for every cache length
     (``dynamic=True``), elementwise ops fused around the matmuls. The first call compiles (tens of
-    seconds on a CPU); later calls, and later ``generate`` calls, reuse it."""
-    return torch.compile(decode_step, dynamic=True)
+    seconds on a CPU); later calls, and later ``generate`` calls, reuse it.
+
+    On a CPU the graph gets inductor's C++ wrapper (``cpp_wrapper``): its many small kernel and
+    matmul calls are made from compiled C++ instead of a generated Python function, whose per-call
+    cost was about a fifth of a small model's step (docs/benchmarks.md; the first call compiles
+    longer). The wrapper is a Python extension, so it needs Python's headers; without them the
+    Python wrapper is used."""
+    cpp = device_type == "cpu" and Path(sysconfig.get_paths()["include"], "Python.h").is_file()
+    return torch.compile(decode_step, dynamic=True, options={"cpp_wrapper": True} if cpp else None)
 
 
 @functools.cache
@@ -123,7 +132,8 @@ class Steps:
         """Feed ``token`` (B, 1) at the cache's end (RoPE ``positions`` (B, 1), or None for the
         default); return the next-token logits (B, V)."""
         if not self.static:
-            return (compiled_decode_step() if self.compile else decode_step)(model, token, cache, positions)
+            step = compiled_decode_step(token.device.type) if self.compile else decode_step
+            return step(model, token, cache, positions)
         slot = cache.static_slot()
         if positions is None:  # no padding: each row's RoPE position is its slot, less the virtual tokens
             positions = (slot - model.virtual_tokens).view(1, 1)
