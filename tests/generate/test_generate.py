@@ -188,12 +188,26 @@ def test_generate_leaves_grad_mode_alone(models):
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
+def test_cpu_decode_layout_is_off_for_compiling_on_torch_2_4(models, monkeypatch):
+    """torch 2.4's dynamo guards module tensors by identity, so the layout's per-call copies would
+    recompile a compiled step at every call: there, compiled decoding runs without the layout."""
+    from lmstack.generate import decode
+
+    _, m = models
+    for inlines, compiled, laid_out in ((False, True, False), (False, False, True), (True, True, True)):
+        monkeypatch.setattr(decode, "dynamo_inlines_modules", lambda inlines=inlines: inlines)
+        with decode.cpu_decode_layout(m, compiled=compiled):
+            assert ("decode_weight" in m.lm_head.__dict__) == laid_out
+
+
 def test_cpu_decode_layout_is_invisible():
-    """The decode layout's matrix products (one row: the column-major copy; a few rows: the
-    transposed product; more: the usual one) give the usual outputs, and on exit the model is
-    exactly as it was: same parameters, weight tying, no leftover forward or weight copies."""
+    """The decode layout's matrix products (one row: column-major copies; a few rows: the
+    transposed product; q/k/v and gate/up as one product each; more rows: the usual path) give
+    the usual outputs, and on exit the model is exactly as it was: same parameters, weight tying,
+    no leftover forward, method or weight copies."""
     import lmstack
-    from lmstack.generate.decode import FEW_ROWS, cpu_decode_layout, decode_linear
+    from lmstack.generate.decode import FEW_ROWS, cpu_decode_layout, decode_fused, decode_linear
+    from lmstack.model import Attention
 
     cfg = lmstack.ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
                               max_seq_len=64, tie_embeddings=True, qkv_bias=True)
@@ -201,29 +215,43 @@ def test_cpu_decode_layout_is_invisible():
     m = lmstack.Transformer(cfg).eval()
     with torch.no_grad():
         for layer in m.layers:  # qkv_bias inits the biases at zero: make them count
-            layer.self_attn.q_proj.bias.normal_()
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_()
     before = {n: p for n, p in m.named_parameters(remove_duplicate=False)}
+
+    def leftovers():
+        names = [n for mod in m.modules() for n in mod.__dict__ if n == "forward" or n.startswith("decode_")]
+        return names + [type(mod) for mod in m.modules() if type(mod).__name__.startswith("Decoding")]
+
     with torch.no_grad():
         for shape in [(1, 1), (3, 1), (2, 5), (1, FEW_ROWS), (3, FEW_ROWS)]:  # 1, few and many rows
             x = torch.randint(0, 64, shape)
             ref = m(x)
             with cpu_decode_layout(m):
-                assert m.layers[0].mlp.up_proj.decode_weight.stride() == (1, 48)  # (out, in) = (48, 32), column-major
-                assert all(lin.forward.__func__ is decode_linear for lin in m.modules() if type(lin) is torch.nn.Linear)
+                mlp, attn = m.layers[0].mlp, m.layers[0].self_attn
+                assert mlp.gate_up.__func__ is decode_fused and attn.qkv.__func__ is decode_fused
+                assert mlp.decode_weight.stride() == (1, 96)  # gate + up (96, 32), column-major
+                assert mlp.down_proj.decode_weight.stride() == (48, 1)  # (32, 48): fewer outputs, kept as is
+                assert m.lm_head.decode_weight.stride() == (1, 64)
+                assert all(lin.forward.__func__ is decode_linear for lin in (attn.o_proj, mlp.down_proj, m.lm_head))
                 torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
     after = {n: p for n, p in m.named_parameters(remove_duplicate=False)}
     assert all(after[n] is p for n, p in before.items())
-    assert not any("forward" in mod.__dict__ or "decode_weight" in mod.__dict__ for mod in m.modules())
+    assert not leftovers()
     assert m.lm_head.weight is m.embed_tokens.weight
 
     # Nested (or concurrent) generate calls share one layout; the last one out takes it down. A
     # forward someone else installed is left alone.
     custom = m.layers[0].mlp.down_proj.forward = lambda x: torch.zeros(*x.shape[:-1], 32)
+    m.layers[1].self_attn.k_proj.forward = custom  # (LoRA and IA3 wrap the layer instead: also not plain)
     with cpu_decode_layout(m):
         with cpu_decode_layout(m):
             pass
         assert "decode_weight" in m.lm_head.__dict__  # the outer generate still has its layout
         assert m.layers[0].mlp.down_proj.forward is custom
+        assert type(m.layers[1].self_attn) is Attention  # one of its projections is not plain: not fused
+        assert type(m.layers[0].self_attn) is not Attention and isinstance(m.layers[0].self_attn, Attention)
+    del m.layers[1].self_attn.k_proj.forward
     assert not any("decode_weight" in mod.__dict__ for mod in m.modules())
     assert m.layers[0].mlp.down_proj.forward is custom
     # Overlapping calls from two threads: the first one in leaves first; the layout stays until the

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sysconfig
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -147,44 +148,101 @@ class Steps:
         return logits
 
 
-CPU_LAYOUT_MAX_BYTES = 1 << 30  # extra memory the CPU decode layout may use (it copies the weights)
+CPU_LAYOUT_MAX_BYTES = 1 << 30  # linear weights up to this size get the CPU decode layout (it copies them)
 FEW_ROWS = 16  # up to this many rows (batch * new positions), the CPU decode layout's transposed product
+FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}  # method: its linears
 
 
-def decode_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.forward`` while ``cpu_decode_layout`` is on: the same product, computed the way
-    MKL runs fastest for the number of rows in ``x`` (equal up to float rounding)."""
+def decode_product(
+    x: torch.Tensor, weight: torch.Tensor, decode_weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``linear(x, weight, bias)`` computed the way MKL runs fastest for the rows of ``x`` (equal up
+    to float rounding): one row on ``decode_weight`` (``weight`` or its (in, out)-contiguous copy),
+    up to ``FEW_ROWS`` as ``(W @ x^T)^T``, more (a prefill) as usual."""
     rows = x.numel() // x.shape[-1]
-    if rows == 1:  # a matrix-vector product: fastest on the (in, out)-contiguous copy
-        return torch.nn.functional.linear(x, self.decode_weight, self.bias)
+    if rows == 1:  # a matrix-vector product
+        return torch.nn.functional.linear(x, decode_weight, bias)
     if rows > FEW_ROWS or x.dtype != torch.float32:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t()  # (W @ x^T)^T: (rows, out), column-major
-    if self.bias is not None:
-        y = y + self.bias
+        return torch.nn.functional.linear(x, weight, bias)
+    y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t()  # (W @ x^T)^T: (rows, out), column-major
+    if bias is not None:
+        y = y + bias
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-@contextlib.contextmanager
-def cpu_decode_layout(model: torch.nn.Module) -> Iterator[None]:
-    """On the CPU, give every ``nn.Linear`` the faster matrix products of decoding for one ``generate``.
+def decode_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` while ``cpu_decode_layout`` is on (``decode_product``)."""
+    return decode_product(x, self.weight, self.decode_weight, self.bias)
 
-    A decode step multiplies every weight by a few rows (batch size x 1 new position), and how MKL
-    is asked for that product matters more than the FLOPs. With one row it is a matrix-vector
-    product, about 1.7x faster on a weight stored (in, out)-contiguous, i.e. ``W.t().contiguous().t()``
-    (same values, same shape, other strides), than on the (out, in) layout ``nn.Linear`` keeps for
-    training. With 2 to ``FEW_ROWS`` rows, computing ``(W @ x^T)^T`` on the usual weight instead of
-    ``x @ W^T`` is about 2x faster through a whole model (weights streamed from memory, batch 8).
-    Longer inputs (the prompt's prefill) take the usual path. Inside this context each linear layer
-    holds the (in, out)-contiguous copy as ``decode_weight`` and uses ``decode_linear`` as its
-    forward; both are removed when the last ``generate`` using them (nested or in another thread)
-    exits, and the parameters are never touched, so nothing can go stale. Models whose linear
-    weights exceed ``CPU_LAYOUT_MAX_BYTES`` are left alone.
+
+def decode_fused(self: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``Attention.qkv`` / ``MLP.gate_up`` while ``cpu_decode_layout`` is on: up to ``FEW_ROWS``
+    rows, the projections as one product on their concatenated weights, split; a prefill runs
+    them one by one, as the model does."""
+    if x.numel() // x.shape[-1] > FEW_ROWS:
+        return getattr(self.decode_base, self.decode_fused)(self, x)
+    return decode_product(x, self.decode_cat_weight, self.decode_weight, self.decode_bias).split(self.decode_sizes, -1)
+
+
+@functools.cache
+def decoding_class(cls: type, name: str) -> type:
+    """``cls`` with its method ``name`` (one of ``FUSED``) replaced by ``decode_fused``: the class an
+    attention or MLP block takes inside ``cpu_decode_layout``. One per class, so a compiled step
+    sees the same type at every call (a method set on the instance would be a new object each
+    time, and torch 2.4 recompiles on its identity)."""
+    return type(f"Decoding{cls.__name__}", (cls,), {name: decode_fused, "decode_fused": name, "decode_base": cls})
+
+
+def plain_linear(m: torch.nn.Module) -> bool:
+    """An ``nn.Linear`` as the model built it: not a subclass or wrapper, its forward not replaced."""
+    return type(m) is torch.nn.Linear and "forward" not in m.__dict__
+
+
+def column_major(w: torch.Tensor) -> torch.Tensor:
+    """The same matrix stored (in, out)-contiguous: same values and shape, transposed strides."""
+    return w.detach().t().contiguous().t()
+
+
+def dynamo_inlines_modules() -> bool:
+    """Whether torch.compile traces modules as plain Python objects (torch >= 2.5), lifting their
+    tensors as graph inputs, instead of guarding each by identity (2.4)."""
+    import torch._dynamo
+
+    with warnings.catch_warnings():  # newer torch warns that the option is gone (always on)
+        warnings.simplefilter("ignore")
+        return bool(getattr(torch._dynamo.config, "inline_inbuilt_nn_modules", True))
+
+
+@contextlib.contextmanager
+def cpu_decode_layout(model: torch.nn.Module, *, compiled: bool = False) -> Iterator[None]:
+    """On the CPU, give the model the faster matrix products of decoding for one ``generate``.
+
+    A decode step multiplies every weight by a few rows (batch size x 1 new position), streamed
+    from memory, and how MKL is asked for that product matters more than the FLOPs:
+    - One row is a matrix-vector product. On a weight with more outputs than inputs it is faster
+      with the weight stored (in, out)-contiguous (``column_major``): 1.3x to 2.9x for 320 to 4096
+      outputs from 192 inputs. On one with fewer (``down_proj``) that layout is about 1.4x slower,
+      so it keeps its own.
+    - With 2 to ``FEW_ROWS`` rows, ``(W @ x^T)^T`` on the usual weight is about 2x faster through a
+      whole model than ``x @ W^T`` (batch 8).
+    - Small weights stream slowly, one call each: q/k/v, and gate/up, are computed as one product
+      on their concatenated weights (``Attention.qkv``, ``MLP.gate_up``).
+    (Measured on a 2-core AMD EPYC, fp32, weights cycled from memory; docs/benchmarks.md.)
+    Longer inputs (the prompt's prefill) take the model's usual path. Inside this context each
+    plain linear layer uses ``decode_linear`` as its forward, and the attention and MLP blocks whose
+    projections are all plain take a ``decoding_class`` (``decode_fused``), each holding the
+    copies it needs; all of it is undone when the last ``generate`` using it (nested or in another
+    thread) exits. The parameters are never touched, so nothing can go stale. Models whose linear
+    weights exceed ``CPU_LAYOUT_MAX_BYTES`` are left alone, and so are all models when ``compiled``
+    on torch 2.4: its dynamo does not inline modules and guards their tensors by identity, so the
+    copies made anew for each call would recompile the step at every call.
     """
     users = model.__dict__.get("decode_layout_users", 0)  # generate calls inside the layout now
+    if compiled and not users and not dynamo_inlines_modules():
+        yield
+        return
     if not users:
-        # plain nn.Linear only, and none whose forward someone has already replaced
-        linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
+        linears = [m for m in model.modules() if plain_linear(m)]
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
         if not linears or linears[0].weight.device.type != "cpu" or nbytes > CPU_LAYOUT_MAX_BYTES:
             yield
@@ -192,18 +250,37 @@ def cpu_decode_layout(model: torch.nn.Module) -> Iterator[None]:
     model.decode_layout_users = users + 1
     try:
         if not users:  # the first user lays the model out; nested or concurrent calls share it
+            patched, fused = [], set()  # (module, attributes set on it, its class); ids of fused linears
             with torch.no_grad():
-                for m in linears:
-                    m.decode_weight = m.weight.detach().t().contiguous().t()
+                for m in model.modules():
+                    name = next((n for n in FUSED if hasattr(m, n)), None)
+                    parts = [getattr(m, p, None) for p in FUSED.get(name, ())]
+                    if not parts or not all(plain_linear(p) for p in parts):
+                        continue
+                    if len({p.bias is None for p in parts}) > 1:
+                        continue
+                    m.decode_cat_weight = torch.cat([p.weight.detach() for p in parts])  # (sum of outs, in)
+                    m.decode_weight = column_major(m.decode_cat_weight)
+                    m.decode_bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+                    m.decode_sizes = tuple(p.out_features for p in parts)
+                    patched.append((m, ("decode_cat_weight", "decode_weight", "decode_bias", "decode_sizes"), type(m)))
+                    m.__class__ = decoding_class(type(m), name)
+                    fused.update(id(p) for p in parts)
+                for m in (m for m in linears if id(m) not in fused):  # a fused one runs only in prefills
+                    wide = m.out_features >= m.in_features
+                    m.decode_weight = column_major(m.weight) if wide else m.weight.detach()
                     m.forward = decode_linear.__get__(m)
+                    patched.append((m, ("decode_weight", "forward"), type(m)))
+            model.decode_layout_patched = patched
         yield
     finally:
         model.decode_layout_users -= 1
         if not model.decode_layout_users:  # the last user out, whichever it is, takes the layout down
             del model.decode_layout_users
-            for m in model.modules():
-                if m.__dict__.pop("decode_weight", None) is not None:
-                    m.__dict__.pop("forward", None)
+            for m, names, cls in model.__dict__.pop("decode_layout_patched", ()):
+                m.__class__ = cls
+                for n in names:
+                    m.__dict__.pop(n, None)
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -408,7 +485,7 @@ def generate(
         if not is_greedy(temperature):
             raise ValueError(f"num_beams={num_beams} is deterministic beam search; pass temperature=0 (got {temperature})")
 
-        with cpu_decode_layout(model), contextlib.closing(steps):
+        with cpu_decode_layout(model, compiled=compile), contextlib.closing(steps):
             return beam_search(
                 model, ids, pad_mask, max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
                 length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
@@ -420,7 +497,7 @@ def generate(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         repetition_penalty=repetition_penalty, generator=make_generator(seed, device),
     )
-    with cpu_decode_layout(model), contextlib.closing(steps), torch.inference_mode():
+    with cpu_decode_layout(model, compiled=compile), contextlib.closing(steps), torch.inference_mode():
         seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0, steps=steps)
     return GenerateOutput(sequences=seq)
 

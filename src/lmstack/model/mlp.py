@@ -15,4 +15,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., dim) -> the gate and up projections (..., ffn_dim each). Decoding on a CPU
+        computes both as one product (``lmstack.generate.decode.cpu_decode_layout``)."""
+        return self.gate_proj(x), self.up_proj(x)
