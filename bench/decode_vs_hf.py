@@ -16,7 +16,8 @@ how many compiled graphs fell back from CUDA graphs (``cudagraph_skips``, 0 expe
 random, scaled up so the next-token distributions are peaked like a trained model's (no near-ties
 between the libraries).
 
-Writes bench/results/decode_vs_hf[_<device>].json and a table in docs/benchmarks.md.
+Writes bench/results/decode_vs_hf[_<device>][_<dtype>].json (no suffix for the CPU in fp32 or
+CUDA in bf16) and a table in docs/benchmarks.md.
 
     python bench/decode_vs_hf.py [--threads 2] [--new-tokens 200] [--repeats 5]
     python bench/decode_vs_hf.py --device cuda --model llama-1.1b --dtype bf16
@@ -104,7 +105,10 @@ def main() -> int:
         raise SystemExit(f"--prompt-len + --new-tokens = {args.prompt_len + N} exceeds the context {cfg.max_seq_len}")
     g = torch.Generator().manual_seed(1)
 
-    result_name = "decode_vs_hf" if device.type == "cpu" else f"decode_vs_hf_{device.type}"
+    # decode_vs_hf.json is the CPU in fp32, decode_vs_hf_cuda.json the GPU in bf16; other dtypes add theirs
+    result_name = "decode_vs_hf" + ("" if device.type == "cpu" else f"_{device.type}")
+    if args.dtype != ("fp32" if device.type == "cpu" else "bf16"):
+        result_name += f"_{args.dtype}"
     variants = {"lmstack": {}, "lmstack+compile": {"compile": True}}
     results = {"meta": meta(), "model": args.model, "dtype": args.dtype, "prompt_len": args.prompt_len,
                "new_tokens": N, "workloads": {}}

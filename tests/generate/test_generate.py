@@ -1,5 +1,7 @@
 """generate / generate_stream against HF ``LlamaForCausalLM.generate`` on the same random weights."""
 
+import copy
+
 import pytest
 import torch
 
@@ -239,6 +241,21 @@ def test_cpu_decode_layout_is_invisible():
     assert all(after[n] is p for n, p in before.items())
     assert not leftovers()
     assert m.lm_head.weight is m.embed_tokens.weight
+
+    # bf16 and fp16 weights keep their layout for the one-row product (a column-major copy falls
+    # off MKL's fast path there), and only the fusion applies.
+    for dtype in (torch.bfloat16, torch.float16):
+        half = copy.deepcopy(m).to(dtype)
+        with torch.no_grad():
+            for shape in [(1, 1), (3, 1)]:
+                x = torch.randint(0, 64, shape)
+                ref = half(x)
+                with cpu_decode_layout(half):
+                    mlp = half.layers[0].mlp
+                    assert mlp.gate_up.__func__ is decode_fused
+                    copies = [mod.decode_weight for mod in half.modules() if "decode_weight" in mod.__dict__]
+                    assert copies and all(w.is_contiguous() and w.dtype == dtype for w in copies)
+                    torch.testing.assert_close(half(x), ref, rtol=2e-2, atol=2e-2)
 
     # Nested (or concurrent) generate calls share one layout; the last one out takes it down. A
     # forward someone else installed is left alone.

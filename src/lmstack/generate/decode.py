@@ -203,6 +203,14 @@ def column_major(w: torch.Tensor) -> torch.Tensor:
     return w.detach().t().contiguous().t()
 
 
+def one_row_weight(w: torch.Tensor) -> torch.Tensor:
+    """The weight a one-row product uses in ``cpu_decode_layout``: a ``column_major`` copy of an
+    fp32 weight with at least as many outputs as inputs, else the weight itself (a
+    ``down_proj``-like fp32 weight, and every bf16/fp16 one: there the column-major product falls
+    off MKL's fast path, 3x to 60x slower)."""
+    return column_major(w) if w.dtype == torch.float32 and w.shape[0] >= w.shape[1] else w.detach()
+
+
 def dynamo_inlines_modules() -> bool:
     """Whether torch.compile traces modules as plain Python objects (torch >= 2.5), lifting their
     tensors as graph inputs, instead of guarding each by identity (2.4)."""
@@ -219,15 +227,16 @@ def cpu_decode_layout(model: torch.nn.Module, *, compiled: bool = False) -> Iter
 
     A decode step multiplies every weight by a few rows (batch size x 1 new position), streamed
     from memory, and how MKL is asked for that product matters more than the FLOPs:
-    - One row is a matrix-vector product. On a weight with more outputs than inputs it is faster
-      with the weight stored (in, out)-contiguous (``column_major``): 1.3x to 2.9x for 320 to 4096
-      outputs from 192 inputs. On one with fewer (``down_proj``) that layout is about 1.4x slower,
-      so it keeps its own.
+    - One row is a matrix-vector product. On an fp32 weight with more outputs than inputs it is
+      faster with the weight stored (in, out)-contiguous (``column_major``): 1.3x to 2.9x for 320
+      to 4096 outputs from 192 inputs. On one with fewer (``down_proj``) that layout is about 1.4x
+      slower, so it keeps its own, and so do bf16 and fp16 weights, whose column-major product is
+      3x to 60x slower (``one_row_weight``).
     - With 2 to ``FEW_ROWS`` rows, ``(W @ x^T)^T`` on the usual weight is about 2x faster through a
       whole model than ``x @ W^T`` (batch 8).
     - Small weights stream slowly, one call each: q/k/v, and gate/up, are computed as one product
       on their concatenated weights (``Attention.qkv``, ``MLP.gate_up``).
-    (Measured on a 2-core AMD EPYC, fp32, weights cycled from memory; docs/benchmarks.md.)
+    (Measured on a 2-core AMD EPYC with AVX2, weights cycled from memory; docs/benchmarks.md.)
     Longer inputs (the prompt's prefill) take the model's usual path. Inside this context each
     plain linear layer uses ``decode_linear`` as its forward, and the attention and MLP blocks whose
     projections are all plain take a ``decoding_class`` (``decode_fused``), each holding the
@@ -260,15 +269,14 @@ def cpu_decode_layout(model: torch.nn.Module, *, compiled: bool = False) -> Iter
                     if len({p.bias is None for p in parts}) > 1:
                         continue
                     m.decode_cat_weight = torch.cat([p.weight.detach() for p in parts])  # (sum of outs, in)
-                    m.decode_weight = column_major(m.decode_cat_weight)
+                    m.decode_weight = one_row_weight(m.decode_cat_weight)
                     m.decode_bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
                     m.decode_sizes = tuple(p.out_features for p in parts)
                     patched.append((m, ("decode_cat_weight", "decode_weight", "decode_bias", "decode_sizes"), type(m)))
                     m.__class__ = decoding_class(type(m), name)
                     fused.update(id(p) for p in parts)
                 for m in (m for m in linears if id(m) not in fused):  # a fused one runs only in prefills
-                    wide = m.out_features >= m.in_features
-                    m.decode_weight = column_major(m.weight) if wide else m.weight.detach()
+                    m.decode_weight = one_row_weight(m.weight)
                     m.forward = decode_linear.__get__(m)
                     patched.append((m, ("decode_weight", "forward"), type(m)))
             model.decode_layout_patched = patched
