@@ -164,6 +164,21 @@ def test_generate_stream_yields_generate_tokens(models):
     sampled = generate(m, [prompt], 20, temperature=0.8, top_k=10, seed=3).sequences[0, 8:].tolist()
     assert list(generate_stream(m, prompt, 20, temperature=0.8, top_k=10, seed=3)) == sampled
 
+    # A stream decodes with the CPU decode layout while it runs, and takes it down when it is
+    # exhausted, or closed part way (as a consumer that breaks out of its loop does).
+    def laid_out():
+        return any("decode_weight" in mod.__dict__ for mod in m.modules())
+
+    for take in (20, 3):
+        stream = generate_stream(m, prompt, 20)
+        got = [next(stream) for _ in range(take)]
+        assert got == greedy[:take] and laid_out()
+        if take == 20:
+            assert next(stream, None) is None
+        else:
+            stream.close()
+        assert not laid_out()
+
 
 def test_bad_inputs(models):
     _, m = models

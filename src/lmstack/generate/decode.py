@@ -571,7 +571,10 @@ def generate_stream(
 ) -> Iterator[int]:
     """Yield the new token ids of one prompt (a 1-D list or tensor of ids) one at a time, stopping
     before an EOS id (which is not yielded). Same sampling keywords as ``generate``; the arguments
-    are checked here, before the first token is asked for."""
+    are checked here, before the first token is asked for. Like ``generate``, the stream decodes
+    with the model's CPU decode layout (``cpu_decode_layout``), from the first token until the
+    stream is exhausted or closed, so the model's weights must not change in between (its KV cache
+    would be stale too)."""
     check_sampling_args(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         repetition_penalty=repetition_penalty,
@@ -594,18 +597,20 @@ def generate_stream(
 def stream_loop(
     model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, choose, *, eos: set[int]
 ) -> Iterator[int]:
-    """The decode loop for one prompt (1, T), yielding each new token as a Python int."""
-    T = ids.shape[1]
-    cache = model.setup_cache(1, T + max_new_tokens)
-    seq = ids.new_empty(1, T + max_new_tokens)
-    seq[:, :T] = ids
-    logits = prefill(model, ids, cache)  # (1, V)
-    for step in range(max_new_tokens):
-        tok = choose(logits, seq[:, : T + step], None)  # (1,)
-        token = int(tok)  # the one host sync streaming needs
-        if token in eos:
-            return
-        yield token
-        seq[:, T + step] = tok
-        if step < max_new_tokens - 1:
-            logits = decode_step(model, tok[:, None], cache)
+    """The decode loop for one prompt (1, T), yielding each new token as a Python int. The CPU
+    decode layout stays on from the first token until the stream ends or is closed."""
+    with cpu_decode_layout(model):
+        T = ids.shape[1]
+        cache = model.setup_cache(1, T + max_new_tokens)
+        seq = ids.new_empty(1, T + max_new_tokens)
+        seq[:, :T] = ids
+        logits = prefill(model, ids, cache)  # (1, V)
+        for step in range(max_new_tokens):
+            tok = choose(logits, seq[:, : T + step], None)  # (1,)
+            token = int(tok)  # the one host sync streaming needs
+            if token in eos:
+                return
+            yield token
+            seq[:, T + step] = tok
+            if step < max_new_tokens - 1:
+                logits = decode_step(model, tok[:, None], cache)
