@@ -135,3 +135,4 @@ def copy_tensors_into(expected: dict[str, torch.Tensor], sources: dict[str, tupl
                         f"{file}: tensor {key!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)} for this config"
                     )
                 dst.copy_(src)
+                del src  # freed before the next read: the model plus one tensor at most

@@ -39,6 +39,34 @@ def test_sharded_checkpoint_and_dtype(tmp_path, seed):
     assert mb.embed_tokens.weight.dtype == torch.bfloat16
 
 
+def test_from_hf_reads_one_tensor_at_a_time(tmp_path, seed, monkeypatch):
+    """Memory-frugal loading: each tensor read from the (sharded, fp32) files is freed before the
+    next is read, and the bf16 model the loader fills is the only copy of the weights."""
+    import weakref
+
+    import lmstack.io
+
+    hf, _ = tiny_hf("llama", seed=seed)
+    path = _save(hf, tmp_path / "hf", max_shard_size="40KB")
+    read, most_alive = [], 0
+    real = lmstack.io.read_tensor
+
+    def reading(handle, name, file):
+        nonlocal most_alive
+        most_alive = max(most_alive, sum(r() is not None for r in read))  # earlier reads still held
+        t = real(handle, name, file)
+        read.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(lmstack.io, "read_tensor", reading)
+    m = from_hf(path, dtype=torch.bfloat16)
+    assert len(read) == len(m.stored_state_dict()) and most_alive == 0
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    x = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert (m(x).float() - hf(x).logits).abs().max() < 0.1 * hf(x).logits.abs().max()
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_to_hf_round_trip_loads_in_transformers(tmp_path, seed, family):
     _, m = tiny_hf(family, seed=seed)
