@@ -240,11 +240,13 @@ def cpu_decode_layout(model: torch.nn.Module, *, compiled: bool = False) -> Iter
     Longer inputs (the prompt's prefill) take the model's usual path. Inside this context each
     plain linear layer uses ``decode_linear`` as its forward, and the attention and MLP blocks whose
     projections are all plain take a ``decoding_class`` (``decode_fused``), each holding the
-    copies it needs; all of it is undone when the last ``generate`` using it (nested or in another
-    thread) exits. The parameters are never touched, so nothing can go stale. Models whose linear
-    weights exceed ``CPU_LAYOUT_MAX_BYTES`` are left alone, and so are all models when ``compiled``
-    on torch 2.4: its dynamo does not inline modules and guards their tensors by identity, so the
-    copies made anew for each call would recompile the step at every call.
+    copies it needs; all of it is undone when the last ``generate`` or stream using it (nested, or
+    in another thread) ends. The parameters are never touched, and the copies live only as long as
+    the call, which must not change the weights meanwhile (its KV cache would go stale too).
+    Models whose linear weights exceed ``CPU_LAYOUT_MAX_BYTES`` are left alone, and so are all
+    models when ``compiled`` on torch 2.4: its dynamo does not inline modules and guards their
+    tensors by identity, so the copies made anew for each call would recompile the step at every
+    call.
     """
     users = model.__dict__.get("decode_layout_users", 0)  # generate calls inside the layout now
     if compiled and not users and not dynamo_inlines_modules():
