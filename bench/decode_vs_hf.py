@@ -16,8 +16,8 @@ how many compiled graphs fell back from CUDA graphs (``cudagraph_skips``, 0 expe
 random, scaled up so the next-token distributions are peaked like a trained model's (no near-ties
 between the libraries).
 
-Writes bench/results/decode_vs_hf[_<device>][_<dtype>].json (no suffix for the CPU in fp32 or
-CUDA in bf16) and a table in docs/benchmarks.md.
+Writes bench/results/decode_vs_hf[_<device>][_<dtype>][_<model>].json (no suffixes for ``tiny``
+on the CPU in fp32 or ``llama-1.1b`` on CUDA in bf16) and a table in docs/benchmarks.md.
 
     python bench/decode_vs_hf.py [--threads 2] [--new-tokens 200] [--repeats 5]
     python bench/decode_vs_hf.py --device cuda --model llama-1.1b --dtype bf16
@@ -105,10 +105,12 @@ def main() -> int:
         raise SystemExit(f"--prompt-len + --new-tokens = {args.prompt_len + N} exceeds the context {cfg.max_seq_len}")
     g = torch.Generator().manual_seed(1)
 
-    # decode_vs_hf.json is the CPU in fp32, decode_vs_hf_cuda.json the GPU in bf16; other dtypes add theirs
-    result_name = "decode_vs_hf" + ("" if device.type == "cpu" else f"_{device.type}")
-    if args.dtype != ("fp32" if device.type == "cpu" else "bf16"):
-        result_name += f"_{args.dtype}"
+    # decode_vs_hf.json is tiny on the CPU in fp32, decode_vs_hf_cuda.json llama-1.1b on the GPU in
+    # bf16; another dtype or model adds its name
+    cpu = device.type == "cpu"
+    result_name = "decode_vs_hf" + ("" if cpu else f"_{device.type}")
+    result_name += "" if args.dtype == ("fp32" if cpu else "bf16") else f"_{args.dtype}"
+    result_name += "" if args.model == ("tiny" if cpu else "llama-1.1b") else f"_{args.model}"
     variants = {"lmstack": {}, "lmstack+compile": {"compile": True}}
     results = {"meta": meta(), "model": args.model, "dtype": args.dtype, "prompt_len": args.prompt_len,
                "new_tokens": N, "workloads": {}}
@@ -127,7 +129,7 @@ def main() -> int:
         with torch.inference_mode():
             best, outs = timed(fns, args.repeats, device, optional=("hf static cache",))
         row: dict = {name: B * N / best[name] if name in best else None for name in [*variants, *hf_runs]}
-        print(f"{wl}: " + ", ".join(f"{name} {v:,.0f} tok/s" for name, v in row.items() if v is not None), flush=True)
+        print(f"{wl}: " + ", ".join(f"{name} {rate(v)} tok/s" for name, v in row.items() if v is not None), flush=True)
         row["same_tokens"] = all(torch.equal(o, outs["hf"]) for o in outs.values())
         results["workloads"][wl] = row
         publish(result_name, results, render(results), docs=not args.no_docs, echo=False)  # a run cut short keeps these
@@ -139,6 +141,11 @@ def main() -> int:
         print(f"compiled graphs that fell back from CUDA graphs: {results['cudagraph_skips']}")
     publish(result_name, results, render(results), docs=not args.no_docs)
     return 0
+
+
+def rate(v: float) -> str:
+    """tokens/s for a table: whole numbers from 100 up, three significant digits below (a 1B model on a CPU)."""
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
 def render(r: dict) -> str:
@@ -155,7 +162,7 @@ def render(r: dict) -> str:
         "|---|" + "---|" * (len(names) + 3),
     ]
     for wl, row in r["workloads"].items():
-        cells = ["—" if row[n] is None else f"{row[n]:,.0f}" for n in names]
+        cells = ["—" if row[n] is None else rate(row[n]) for n in names]
         ratios = [f"{row['lmstack'] / row['hf']:.2f}x", f"{row['lmstack+compile'] / row['hf']:.2f}x"]
         lines.append(f"| {wl} | " + " | ".join(cells + ratios) + f" | {row['same_tokens']} |")
     if len(theirs) > 1:

@@ -217,7 +217,7 @@ def test_cpu_decode_layout_is_off_for_compiling_on_torch_2_4(models, monkeypatch
             assert ("decode_weight" in m.lm_head.__dict__) == laid_out
 
 
-def test_cpu_decode_layout_is_invisible():
+def test_cpu_decode_layout_is_invisible(monkeypatch):
     """The decode layout's matrix products (one row: column-major copies; a few rows: the
     transposed product; q/k/v and gate/up as one product each; more rows: the usual path) give
     the usual outputs, and on exit the model is exactly as it was: same parameters, weight tying,
@@ -272,6 +272,7 @@ def test_cpu_decode_layout_is_invisible():
                     assert copies and all(w.is_contiguous() and w.dtype == dtype for w in copies)
                     torch.testing.assert_close(half(x), ref, rtol=2e-2, atol=2e-2)
 
+
     # Nested (or concurrent) generate calls share one layout; the last one out takes it down. A
     # forward someone else installed is left alone.
     custom = m.layers[0].mlp.down_proj.forward = lambda x: torch.zeros(*x.shape[:-1], 32)
@@ -296,3 +297,23 @@ def test_cpu_decode_layout_is_invisible():
     second.__exit__(None, None, None)
     assert not any("decode_weight" in mod.__dict__ for mod in m.modules())
     assert "forward" not in m.lm_head.__dict__ and m.layers[0].mlp.down_proj.forward is custom
+    del m.layers[0].mlp.down_proj.forward
+
+    # A model above CPU_LAYOUT_MAX_BYTES gets no copies: in fp32 only the transposed product of a
+    # few rows (no fused blocks, every decode weight the parameter itself); in fp16 (or bf16) nothing.
+    from lmstack.generate import decode
+
+    with monkeypatch.context() as mp, torch.no_grad():
+        mp.setattr(decode, "CPU_LAYOUT_MAX_BYTES", 0)
+        for shape in [(1, 1), (3, 1), (3, FEW_ROWS)]:
+            x = torch.randint(0, 64, shape)
+            ref = m(x)
+            with cpu_decode_layout(m):
+                assert not [type(mod) for mod in m.modules() if type(mod).__name__.startswith("Decoding")]
+                lins = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+                assert all(lin.forward.__func__ is decode_linear for lin in lins)
+                assert all(lin.decode_weight.data_ptr() == lin.weight.data_ptr() for lin in lins)
+                torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+            assert not leftovers()
+        with cpu_decode_layout(half):
+            assert not any(n.startswith("decode_") for mod in half.modules() for n in mod.__dict__)
