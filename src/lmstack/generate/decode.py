@@ -244,7 +244,7 @@ def cpu_decode_layout(model: torch.nn.Module, *, compiled: bool = False) -> Iter
     in another thread) ends. The parameters are never touched, and the copies live only as long as
     the call, which must not change the weights meanwhile (its KV cache would go stale too).
     Models whose linear weights exceed ``CPU_LAYOUT_MAX_BYTES`` get no copies: in fp32 only the
-    transposed product of a few rows, which needs none, and 2.5x to 4x faster on a 1B model's
+    transposed product of a few rows, which needs none, and 1.9x to 4.1x faster on a 1B model's
     weights (2 to 16 rows, 5632 x 2048 and 32000 x 2048), while at that size the column-major copy
     changes one-row products by 10% either way and the fused products' per-call saving is
     negligible; in bf16 and fp16 nothing. All models are left alone when ``compiled`` on torch 2.4:
