@@ -40,8 +40,8 @@ def test_sharded_checkpoint_and_dtype(tmp_path, seed):
 
 
 def test_from_hf_reads_one_tensor_at_a_time(tmp_path, seed, monkeypatch):
-    """Memory-frugal loading: each tensor read from the (sharded, fp32) files is freed before the
-    next is read, and the bf16 model the loader fills is the only copy of the weights."""
+    """Memory-frugal loading: each tensor read from the (sharded, fp32) files is read once and freed
+    before the next is read, and the model it fills is bf16 throughout."""
     import weakref
 
     import lmstack.io
