@@ -307,10 +307,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    import shutil
-
     from .interop import from_hf, to_hf
-    from .io import atomic_dir
+    from .interop.hf import copy_tokenizer_files
+    from .io import atomic_dir, stored_dtype
     from .train.checkpoint import load_model, resolve_checkpoint, save_model_dir
 
     if bool(args.from_hf) == bool(args.to_hf):
@@ -319,12 +318,11 @@ def cmd_convert(args) -> int:
         model = from_hf(args.from_hf)
         with atomic_dir(args.out) as tmp:
             save_model_dir(model, tmp)
-            for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-                if (Path(args.from_hf) / name).is_file():
-                    shutil.copyfile(Path(args.from_hf) / name, tmp / name)
+            copy_tokenizer_files(args.from_hf, tmp)
     else:
         ckpt = resolve_checkpoint(args.to_hf)
-        to_hf(load_model(ckpt), args.out, tokenizer_dir=ckpt)
+        # in the dtype it was saved in (a bf16 model converted from HF goes back in bf16, not fp32)
+        to_hf(load_model(ckpt, dtype=stored_dtype(ckpt / "model.safetensors")), args.out, tokenizer_dir=ckpt)
     print(f"wrote {args.out}")
     return 0
 

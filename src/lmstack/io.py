@@ -109,6 +109,20 @@ def open_safetensors(path: str | Path):
         ) from None
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def stored_dtype(path: str | Path) -> torch.dtype:
+    """The floating dtype a safetensors file's tensors are stored in (read from its header; the
+    first floating tensor's); float32 when it holds none."""
+    handle = open_safetensors(path)
+    for name in handle.keys():
+        dtype = SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
+        if dtype is not None:
+            return dtype
+    return torch.float32
+
+
 def read_tensor(handle, name: str, path: str | Path) -> torch.Tensor:
     try:
         return handle.get_tensor(name)

@@ -52,7 +52,9 @@ def _hf_llama(tmp_path, rope, *, max_pos, scale=1.0, spelling="rope_scaling", th
 def test_yarn_logits_match(tmp_path, seed, spelling, rope):
     hf, path = _hf_llama(tmp_path, rope, max_pos=128, spelling=spelling, theta=50000.0)
     m = from_hf(path)
-    assert m.config.rope_scaling["type"] == "yarn" and m.config.max_seq_len == 128
+    # the context YaRN extends to: factor x the original (default: max_position_embeddings), or more
+    extended = int(rope["factor"] * rope.get("original_max_position_embeddings", 128))
+    assert m.config.rope_scaling["type"] == "yarn" and m.config.max_seq_len == max(128, extended)
     x = torch.randint(0, V, (2, 120))
     with torch.no_grad():
         assert (m(x) - hf(x).logits).abs().max() < 1e-4

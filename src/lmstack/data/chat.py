@@ -35,34 +35,76 @@ _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
 def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool = False,
+                continue_final_message: bool | str = False,
                 bos_token: str | None = None, eos_token: str | None = None,
                 tools: list[dict] | None = None, documents: list[dict] | None = None,
                 **extra: Any) -> str:
     """The prompt string `template` makes of `messages` (dicts with "role" and "content").
 
-    `add_generation_prompt` appends the header that opens an assistant turn. `bos_token` and
-    `eos_token` are visible to the template when not None; `tools` (JSON schemas), `documents` and
-    any `extra` keyword (another special-token name, `enable_thinking=False`, …) are passed through,
-    `extra` overriding the token names. A template error, including one the template raises with
+    `add_generation_prompt` appends the header that opens an assistant turn.
+    `continue_final_message` instead ends the prompt right after the final message's text (its
+    "content", or the field it names, e.g. "reasoning_content"), without the turn's closing tokens,
+    so the model continues that message (a prefilled reply). `bos_token` and `eos_token` are
+    visible to the template when not None; `tools` (JSON schemas), `documents` and any `extra`
+    keyword (another special-token name, `enable_thinking=False`, …) are passed through, `extra`
+    overriding the token names. A template error, including one the template raises with
     `raise_exception`, becomes a one-line ValueError.
     """
     if not isinstance(template, str):
         raise ValueError(f"a chat template must be a Jinja string, got {type(template).__name__}")
     if tools is not None and not all(isinstance(t, Mapping) for t in tools):
         raise ValueError("tools must be a list of JSON-schema dicts")
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("pass add_generation_prompt=True to open a new assistant turn, or "
+                         "continue_final_message=True to continue the last message, not both")
     compiled = _compile(template)
     variables = {"bos_token": bos_token, "eos_token": eos_token}
     variables = {k: v for k, v in variables.items() if v is not None}
     variables.update(_plain(extra))
     messages = _conversation(messages)
+    if continue_final_message:
+        _mark_final_text(messages[-1], "content" if continue_final_message is True else continue_final_message)
     try:
-        return compiled.render(messages=messages, tools=_plain(tools), documents=_plain(documents),
+        text = compiled.render(messages=messages, tools=_plain(tools), documents=_plain(documents),
                                add_generation_prompt=add_generation_prompt, **variables)
     except _TemplateRaised as e:
         raise ValueError(f"the chat template rejected these messages: {e.message}") from None
     except jinja2.TemplateError as e:
         raise ValueError(f"chat template failed to render: {type(e).__name__}: "
                          f"{_first_line(e)}") from e
+    return _cut_after_final_text(text) if continue_final_message else text
+
+
+# Appended to the final message's text to find where it ends in the rendered prompt. Its last
+# character is a space so a template that trims the text (`| trim`) can be told apart from one
+# that keeps it: then the text's own trailing whitespace is gone too, and the cut strips it.
+_CONTINUE_MARK = "<|lmstack:end-of-final-message|> "
+
+
+def _mark_final_text(message: dict, field: str) -> None:
+    """Append `_CONTINUE_MARK` to `message[field]` (a string, or the last text block of a list of
+    content blocks); a reasoning field is marked under each name it is filed under."""
+    value = message.get(field)
+    if value is None:
+        raise ValueError(f"continue_final_message: the final message has no {field!r} to continue")
+    if isinstance(value, str):
+        fields = [k for k in _REASONING_KEYS if message.get(k) == value] if field in _REASONING_KEYS else [field]
+        for k in fields:
+            message[k] = value + _CONTINUE_MARK
+        return
+    blocks = [b for b in value if isinstance(b, dict) and isinstance(b.get("text"), str)] if isinstance(value, list) else []
+    if not blocks:
+        raise ValueError(f"continue_final_message: the final message's {field!r} has no text to continue")
+    blocks[-1]["text"] += _CONTINUE_MARK
+
+
+def _cut_after_final_text(text: str) -> str:
+    at = text.rfind(_CONTINUE_MARK.rstrip())
+    if at < 0:
+        raise ValueError("continue_final_message: the chat template does not write the final message's text, so "
+                         "there is nothing to continue; check the template shows that message")
+    kept = text.startswith(_CONTINUE_MARK, at)
+    return text[:at] if kept else text[:at].rstrip()
 
 
 def _conversation(messages) -> list[dict]:

@@ -38,21 +38,25 @@ NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                 "mask_token")
 _DEFAULT_NAMES = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named templates beside it (transformers 5): tool_use.jinja
 
 
 class Tokenizer:
     """A `tokenizers.Tokenizer` (`.hf`) plus the ids of its BOS/EOS/PAD tokens (None if absent),
     the named special tokens a chat template sees (`.special_tokens`), the ids that end a
-    generation (`.stop_ids`) and the Jinja chat template (`.chat_template`, None if absent)."""
+    generation (`.stop_ids`), the Jinja chat template (`.chat_template`, None if absent) and any
+    named ones beside it (`.chat_templates`, e.g. {"tool_use": …}, used when tools are passed)."""
 
     def __init__(self, hf: HFTokenizer, *, bos: str | None = BOS, eos: str | None = EOS,
-                 pad: str | None = PAD, chat_template: str | None = None):
+                 pad: str | None = PAD, chat_template: str | None = None,
+                 chat_templates: dict[str, str] | None = None):
         self.hf = hf
         self.hf.encode_special_tokens = True  # user text never becomes a special token
         self.bos_id = _id_or_none(hf, bos)
         self.eos_id = _id_or_none(hf, eos)
         self.pad_id = _id_or_none(hf, pad)
         self.chat_template = chat_template
+        self.chat_templates = dict(chat_templates or {})
         self.special_tokens = _in_vocab(hf, {"bos_token": bos, "eos_token": eos, "pad_token": pad})
         self.stop_ids = [] if self.eos_id is None else [self.eos_id]
 
@@ -77,7 +81,8 @@ class Tokenizer:
         would. Optional files beside it: tokenizer_config.json, else special_tokens_map.json, names
         the special tokens (else our default names); chat_template.jinja, else tokenizer_config's
         "chat_template" (a string, or a list of {"name", "template"} whose "default" we take), is
-        the chat template; generation_config.json's eos_token_id adds stop ids. tokenizer.json's
+        the chat template, and the other named ones (that list's, then additional_chat_templates/
+        NAME.jinja) are `.chat_templates`; generation_config.json's eos_token_id adds stop ids. tokenizer.json's
         post-processor decides what `add_special_tokens=True` adds (as in transformers 5); only when
         it has none do tokenizer_config's `add_bos_token`/`add_eos_token` make one (transformers 4).
         Padding and truncation saved in tokenizer.json are switched off: transformers applies them
@@ -99,20 +104,25 @@ class Tokenizer:
         names = _token_names(config, _read_json(folder / "special_tokens_map.json"))
         if hf.post_processor is None:
             _add_flag_post_processor(hf, names, config)
+        default, named = _chat_templates(folder, config)
         tok = cls(hf, bos=names["bos_token"], eos=names["eos_token"], pad=names["pad_token"],
-                  chat_template=_chat_template(folder, config))
+                  chat_template=default, chat_templates=named)
         tok.special_tokens.update(_in_vocab(hf, names))
         tok.stop_ids = _stop_ids(tok.eos_id, folder / "generation_config.json")
         return tok
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `tokenizer.json` atomically, and the chat template as chat_template.jinja beside
-        it when there is one; `path` is a directory or a file path. Returns the tokenizer.json."""
+        it when there is one (named ones as additional_chat_templates/NAME.jinja); `path` is a
+        directory or a file path. Returns the tokenizer.json."""
         path = Path(path)
         file = path if path.suffix == ".json" and not path.is_dir() else path / "tokenizer.json"
         atomic_write_text(file, self.hf.to_str())
         if self.chat_template is not None:
             atomic_write_text(file.parent / CHAT_TEMPLATE_FILE, self.chat_template)
+        for name, template in self.chat_templates.items():
+            (file.parent / CHAT_TEMPLATE_DIR).mkdir(exist_ok=True)
+            atomic_write_text(file.parent / CHAT_TEMPLATE_DIR / f"{_template_name(name)}.jinja", template)
         return file
 
     # ---- encode / decode ----------------------------------------------------------------
@@ -166,23 +176,40 @@ class Tokenizer:
 
     # ---- chat -----------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False,
+                            continue_final_message: bool | str = False, chat_template: str | None = None,
                             tokenize: bool = True, **template_vars: Any) -> list[int] | str:
-        """`messages` (dicts with "role" and "content") rendered with `.chat_template` as in
-        transformers' `apply_chat_template`: the prompt string when `tokenize=False`, else its ids,
-        with the special tokens the template writes read as tokens and nothing else added (a
-        template that wants BOS writes `bos_token`). `add_generation_prompt` appends the header
-        that opens an assistant turn; `template_vars` (tools=[...], enable_thinking=False, …) are
-        passed to the template."""
+        """`messages` (dicts with "role" and "content") rendered as transformers'
+        `apply_chat_template` does: the prompt string when `tokenize=False`, else its ids, with the
+        special tokens the template writes read as tokens and nothing else added (a template that
+        wants BOS writes `bos_token`). `add_generation_prompt` appends the header that opens an
+        assistant turn; `continue_final_message` ends the prompt inside the last message instead, so
+        the model continues it; `template_vars` (tools=[...], enable_thinking=False, …) are passed
+        to the template. The template: `chat_template` (a name in `.chat_templates`, or Jinja
+        source), else the "tool_use" one when tools are passed and there is one, else
+        `.chat_template`."""
         from .chat import render_chat  # jinja2 is needed only here
 
-        if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat_template; set tok.chat_template to a "
-                             "Jinja template string, or put chat_template.jinja (or a "
-                             "\"chat_template\" in tokenizer_config.json) beside tokenizer.json")
-        text = render_chat(self.chat_template, messages,
-                           add_generation_prompt=add_generation_prompt,
+        template = self._pick_template(chat_template, template_vars.get("tools") is not None)
+        text = render_chat(template, messages, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message,
                            **{**self.special_tokens, **template_vars})
         return self.encode(text, parse_special=True) if tokenize else text
+
+    def _pick_template(self, chat_template: str | None, tools: bool) -> str:
+        if chat_template is not None:
+            if chat_template == "default" and self.chat_template is not None:
+                return self.chat_template
+            return self.chat_templates.get(chat_template, chat_template)
+        if tools and "tool_use" in self.chat_templates:
+            return self.chat_templates["tool_use"]
+        if self.chat_template is not None:
+            return self.chat_template
+        if self.chat_templates:
+            raise ValueError(f"this tokenizer has named chat templates {sorted(self.chat_templates)} and no "
+                             f"default one; pick one with chat_template=NAME")
+        raise ValueError("this tokenizer has no chat_template; set tok.chat_template to a "
+                         "Jinja template string, or put chat_template.jinja (or a "
+                         "\"chat_template\" in tokenizer_config.json) beside tokenizer.json")
 
     # ---- vocabulary ---------------------------------------------------------------------
     @property
@@ -275,20 +302,34 @@ def _add_flag_post_processor(hf: HFTokenizer, names: dict, config: dict) -> None
                                                       special_tokens=list(special.items()))
 
 
-def _chat_template(folder: Path, config: dict) -> str | None:
-    """chat_template.jinja wins over tokenizer_config.json's entry, as in transformers."""
-    file = folder / CHAT_TEMPLATE_FILE
-    if file.is_file():
-        return file.read_text(encoding="utf-8")
+def _chat_templates(folder: Path, config: dict) -> tuple[str | None, dict[str, str]]:
+    """(the default chat template, the named others). Files win over tokenizer_config.json's
+    entries, as in transformers: chat_template.jinja (else additional_chat_templates/default.jinja)
+    over its "chat_template", additional_chat_templates/NAME.jinja over its list's NAME."""
     template = config.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": …}, …]
-        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-    if isinstance(template, dict):
-        template = template.get("default")
+    named: dict = {}
+    if isinstance(template, list):  # [{"name": "default", "template": …}, {"name": "tool_use", …}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in named.items()):
+            raise ValueError(f"chat_template in {folder / 'tokenizer_config.json'}: each entry of the list "
+                             f"needs a string \"name\" and \"template\"")
+        template = named.pop("default", None)
     if template is not None and not isinstance(template, str):
         raise ValueError(f"chat_template in {folder / 'tokenizer_config.json'} must be a string or "
                          f"a list of {{\"name\", \"template\"}}, got {type(template).__name__}")
-    return template
+    for file in sorted((folder / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+        named[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
+    template = named.pop("default", template)
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    return template, named
+
+
+def _template_name(name: str) -> str:
+    """A named chat template's file stem: a plain name, never a path."""
+    if not name or Path(name).name != name or name.startswith("."):
+        raise ValueError(f"chat template name {name!r} cannot be a file name; use letters, digits, '_' or '-'")
+    return name
 
 
 def _stop_ids(eos_id: int | None, file: Path) -> list[int]:

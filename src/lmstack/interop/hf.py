@@ -16,12 +16,16 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
+from ..data.tokenizer import CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, Tokenizer
 from ..io import atomic_dir, copy_tensors_into, open_safetensors, save_safetensors
 from ..model import Transformer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 SUPPORTED = ", ".join(ARCHITECTURES)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   CHAT_TEMPLATE_FILE)  # and the named chat templates in CHAT_TEMPLATE_DIR
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 
 
 def _family(hf: dict[str, Any], path: Path) -> str:
@@ -77,6 +81,10 @@ def config_from_hf(hf: dict[str, Any], path: Path | str = "config.json") -> Mode
         scaling["original_max_position_embeddings"] = old
         if scaling.get("factor") is None:  # yarn may leave it to the ratio of the two contexts
             scaling["factor"] = max_len / old
+        if scaling["type"] == "yarn":  # Qwen2.5's YaRN recipe leaves max_position_embeddings at the
+            # trained context; the extended one (factor x original) is what our max_seq_len must allow.
+            # (llama3's factor is not a context ratio: Llama 3.2 has 32 x 8192 > its 131072.)
+            max_len = max(max_len, int(scaling["factor"] * old))
     heads = hf["num_attention_heads"]
     return ModelConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
@@ -109,6 +117,21 @@ def _hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else "model." + name
 
 
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype, its name ("bfloat16", "torch.bfloat16", "bf16") or None / "auto" (None: the
+    checkpoint's own dtype, as transformers' ``dtype="auto"``)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name == "auto":
+        return None
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        valid = ", ".join([*DTYPES, *DTYPE_ALIASES, "auto"])
+        raise ValueError(f"dtype={dtype!r} is not a dtype lmstack loads; pass one of {valid}, a torch dtype or None")
+    return DTYPES[name]
+
+
 def from_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None) -> Transformer:
     """Load an HF Llama / Qwen2 / Mistral checkpoint directory as an lmstack Transformer.
 
@@ -123,8 +146,7 @@ def from_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: st
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file} is not valid JSON ({e})") from None
     cfg = config_from_hf(hf, cfg_file)
-    if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
+    dtype = parse_dtype(dtype)
     if dtype is None:
         dtype = DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
     files = _weight_files(path)
@@ -171,7 +193,12 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
 
 def to_hf(model: Transformer, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30,
           tokenizer_dir: str | Path | None = None) -> Path:
-    """Write ``model`` as an HF checkpoint directory (atomically; sharded above ``max_shard_bytes``)."""
+    """Write ``model`` as an HF checkpoint directory (atomically; sharded above ``max_shard_bytes``).
+
+    ``tokenizer_dir`` (an HF model folder or an lmstack checkpoint) adds its tokenizer files
+    (``copy_tokenizer_files``) and sets config.json's bos/eos/pad ids from its tokenizer; a tokenizer
+    lmstack trained also gets a tokenizer_config.json naming them, so ``AutoTokenizer`` and
+    ``generate`` stop where lmstack does. Without it the ids are written as null."""
     method = (getattr(model, "peft_config", None) or {}).get("method")
     if method is not None:  # its tensors would be written under names no HF model has
         raise ValueError(f"the model has a {method!r} adapter; to_hf writes plain models: merge_and_unload() it "
@@ -189,8 +216,12 @@ def to_hf(model: Transformer, out_dir: str | Path, *, max_shard_bytes: int = 5 *
         shards[-1][k] = v
         size += nbytes
     out_dir = Path(out_dir)
+    tok = None
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        tok = Tokenizer.from_file(tokenizer_dir)
     with atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
+        config = {**config_to_hf(cfg, dtype), **special_token_ids(tok)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if len(shards) == 1:
             save_safetensors(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
         else:
@@ -204,9 +235,34 @@ def to_hf(model: Transformer, out_dir: str | Path, *, max_shard_bytes: int = 5 *
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
             )
         if tokenizer_dir is not None:
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                         "chat_template.jinja"):
-                src = Path(tokenizer_dir) / name
-                if src.is_file():
-                    (tmp / name).write_bytes(src.read_bytes())
+            copy_tokenizer_files(tokenizer_dir, tmp)
+            if tok is not None and not (tmp / "tokenizer_config.json").is_file():  # a tokenizer lmstack trained
+                names = {k: tok.id_to_token(i) for k, i in
+                         (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("pad_token", tok.pad_id)) if i is not None}
+                (tmp / "tokenizer_config.json").write_text(json.dumps(
+                    {"tokenizer_class": "PreTrainedTokenizerFast", **names, "model_max_length": cfg.max_seq_len},
+                    indent=2) + "\n")
     return out_dir
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
+    """Copy what a model folder holds besides weights and config from ``src`` to ``dst``: the
+    tokenizer, its special-token names, its chat templates (named ones in
+    ``additional_chat_templates/`` included) and its generation config."""
+    src, dst = Path(src), Path(dst)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            (dst / name).write_bytes((src / name).read_bytes())
+    for file in sorted((src / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+        (dst / CHAT_TEMPLATE_DIR).mkdir(exist_ok=True)
+        (dst / CHAT_TEMPLATE_DIR / file.name).write_bytes(file.read_bytes())
+
+
+def special_token_ids(tok) -> dict[str, Any]:
+    """config.json's bos/eos/pad ids for ``tok`` (an lmstack Tokenizer, or None: every id null, so
+    transformers does not fall back to its config class's defaults, e.g. Llama's 1 and 2, which
+    need not be this vocabulary's). Several stop ids (Llama 3's ``<|eot_id|>`` too) become a list."""
+    if tok is None:
+        return dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))
+    eos = tok.stop_ids if len(tok.stop_ids) > 1 else tok.eos_id
+    return {"bos_token_id": tok.bos_id, "eos_token_id": eos, "pad_token_id": tok.pad_id}
