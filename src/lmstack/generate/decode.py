@@ -320,6 +320,8 @@ def prepare_inputs(
     input_ids, attention_mask: torch.Tensor | None, pad_value: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prompt(s) -> ids (B, T) on ``device`` and pad_mask (B, T) bool, or None when nothing is padded."""
+    if type(input_ids).__module__ == "numpy":  # an array (a tokenizer's return_tensors="np") is a tensor
+        input_ids = torch.as_tensor(input_ids)
     if isinstance(input_ids, torch.Tensor):
         ids = input_ids[None] if input_ids.dim() == 1 else input_ids
         if ids.dim() != 2 or ids.dtype.is_floating_point:
@@ -356,9 +358,12 @@ def prepare_inputs(
     return ids, mask
 
 
-def as_id_list(token_ids: int | Sequence[int] | None) -> list[int]:
+def as_id_list(token_ids: int | Sequence[int] | torch.Tensor | None) -> list[int]:
+    """An id, a sequence of ids, a numpy integer or array, or a tensor (0-d or 1-d) -> list of ids."""
     if token_ids is None:
         return []
+    if hasattr(token_ids, "tolist"):  # tensors and numpy values: .tolist() gives an int or a list of ints
+        token_ids = token_ids.tolist()
     return [int(token_ids)] if isinstance(token_ids, int) else [int(t) for t in token_ids]
 
 
@@ -448,14 +453,17 @@ def generate(
 ) -> GenerateOutput:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
-    input_ids: (B, T) LongTensor (left-padded rows need ``attention_mask``, 1 = token, 0 = padding,
-        as HF; padding is never inferred from ``pad_token_id``), or a list of token-id lists of any
-        lengths, left-padded here with ``pad_token_id`` (else the first EOS id, else 0).
+    input_ids: (B, T) LongTensor or numpy array (left-padded rows need ``attention_mask``, 1 =
+        token, 0 = padding, as HF; padding is never inferred from ``pad_token_id``), or a list of
+        token-id lists of any lengths, left-padded here with ``pad_token_id`` (else the first EOS
+        id, else 0).
     temperature: 0 or None = greedy; otherwise sample after the processors of
-        ``lmstack.generate.sampling.process_logits`` (HF's order and semantics).
-    eos_token_id: an id or a list; once a row emits one, its later tokens are ``pad_token_id``
-        (default: the first EOS id) and decoding stops when every row has. ``stop_on_eos=False``
-        ignores EOS and always generates ``max_new_tokens``.
+        ``lmstack.generate.sampling.process_logits`` (HF's order and semantics). Each filter is off
+        unless given: transformers' ``generate(do_sample=True)`` applies ``top_k=50`` when not told
+        otherwise, so pass ``top_k=50`` to sample what it samples.
+    eos_token_id: an id or a list (ints, numpy integers or a tensor); once a row emits one, its
+        later tokens are ``pad_token_id`` (default: the first EOS id) and decoding stops when
+        every row has. ``stop_on_eos=False`` ignores EOS and always generates ``max_new_tokens``.
     seed: seeds a private ``torch.Generator``, so sampling is reproducible and leaves the global
         RNG alone.
     compile: run the decode step through ``torch.compile`` (see ``compiled_decode_step``).
