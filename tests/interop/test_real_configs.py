@@ -785,6 +785,10 @@ def test_cli_convert_to_hf_keeps_the_stop_token(tmp_path, seed):
     with torch.no_grad():
         theirs = hf.generate(prompt, max_new_tokens=10, do_sample=False)
     assert torch.equal(ours, theirs)
+    # and AutoTokenizer reads the export: same ids, and the same special tokens (its tokenizer_config.json)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert hf_tok("What is the weather").input_ids == tok.encode("What is the weather")
 
 
 def test_cli_convert_from_hf_keeps_special_tokens_map(tmp_path, seed):
