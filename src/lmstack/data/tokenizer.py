@@ -82,9 +82,10 @@ class Tokenizer:
         the special tokens (else our default names); chat_template.jinja, else tokenizer_config's
         "chat_template" (a string, or a list of {"name", "template"} whose "default" we take), is
         the chat template, and the other named ones (that list's, then additional_chat_templates/
-        NAME.jinja) are `.chat_templates`; generation_config.json's eos_token_id adds stop ids. tokenizer.json's
-        post-processor decides what `add_special_tokens=True` adds (as in transformers 5); only when
-        it has none do tokenizer_config's `add_bos_token`/`add_eos_token` make one (transformers 4).
+        NAME.jinja) are `.chat_templates`; generation_config.json's eos_token_id adds stop ids.
+        tokenizer.json's post-processor decides what `add_special_tokens=True` adds (as in
+        transformers 5); only when it has none do tokenizer_config's `add_bos_token`/`add_eos_token`
+        make one (transformers 4).
         Padding and truncation saved in tokenizer.json are switched off: transformers applies them
         only when a call asks, and we never do."""
         path = Path(path)

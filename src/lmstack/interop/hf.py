@@ -258,7 +258,7 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
         (dst / CHAT_TEMPLATE_DIR / file.name).write_bytes(file.read_bytes())
 
 
-def special_token_ids(tok) -> dict[str, Any]:
+def special_token_ids(tok: Tokenizer | None) -> dict[str, Any]:
     """config.json's bos/eos/pad ids for ``tok`` (an lmstack Tokenizer, or None: every id null, so
     transformers does not fall back to its config class's defaults, e.g. Llama's 1 and 2, which
     need not be this vocabulary's). Several stop ids (Llama 3's ``<|eot_id|>`` too) become a list."""
