@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lmstack.kernels import Seqs, attention, attention_mask
+from lmstack.kernels import BACKENDS, Seqs, attention, attention_mask
 
 F64 = torch.float64
 
@@ -195,3 +195,13 @@ def test_works_without_a_usable_triton(monkeypatch, seed, triton, error):
     assert _triton_importable.__wrapped__() is False
     q, k, v = rand(1, 2, 2, 5, 5)
     torch.testing.assert_close(attention(q, k, v), attention(q, k, v, backend="reference"))
+
+
+@pytest.mark.parametrize("window", [0, -3])
+def test_window_below_one_is_refused(window):
+    """A window counts the query itself: 0 or less would see nothing (and the Triton path would read
+    it as unbounded), so it is refused on every backend."""
+    q = torch.randn(1, 2, 4, 8)
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match=f"window={window}.*>= 1"):
+            attention(q, q, q, window=window, backend=backend)

@@ -65,6 +65,9 @@ def attention(
     Hkv, Tk = k.shape[1], k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if window is not None and window < 1:
+        raise ValueError(f"window={window}: a query sees itself and the window - 1 keys before it, so the "
+                         f"window must be >= 1 (None: no window)")
     backend = backend or _auto_backend(q, key_valid)
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {BACKENDS}")

@@ -660,6 +660,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     not read back from the device). ``return_lse=True`` also returns the logsumexp, (Hq, total_q).
     """
     _check(q, k, v, 3, window_size, dropout_p)
+    # the kernels read cu_seqlens[b] and [b + 1] as neighbours in memory: a strided view must be copied
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2 or cu.device != q.device:
             raise ValueError(f"{name} must be an int32 (n_seqs + 1,) tensor on {q.device}, got {cu.dtype} "
