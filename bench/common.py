@@ -38,6 +38,8 @@ def meta() -> dict:
                 break
     except OSError:
         pass
+    isa = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "")()  # AVX2, AVX512, ...
+    cpu += f", {isa}" if isa and isa != "DEFAULT" else ""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu} ({torch.get_num_threads()} threads)"
     return {"date": datetime.date.today().isoformat(), "commit": commit(), "device": device,
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}

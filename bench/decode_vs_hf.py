@@ -16,8 +16,9 @@ how many compiled graphs fell back from CUDA graphs (``cudagraph_skips``, 0 expe
 random, scaled up so the next-token distributions are peaked like a trained model's (no near-ties
 between the libraries).
 
-Writes bench/results/decode_vs_hf[_<device>][_<dtype>][_<model>].json (no suffixes for ``tiny``
-on the CPU in fp32 or ``llama-1.1b`` on CUDA in bf16) and a table in docs/benchmarks.md.
+Writes bench/results/decode_vs_hf[_<device>][_<dtype>][_<model>][_<tag>].json (no suffixes for
+``tiny`` on the CPU in fp32 or ``llama-1.1b`` on CUDA in bf16; ``--tag`` names another host) and a
+table in docs/benchmarks.md.
 
     python bench/decode_vs_hf.py [--threads 2] [--new-tokens 200] [--repeats 5]
     python bench/decode_vs_hf.py --device cuda --model llama-1.1b --dtype bf16
@@ -93,6 +94,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--weight-scale", type=float, default=3.0)
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    ap.add_argument("--tag", default="", help="suffix for the result's name (another host: _<tag>)")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -111,6 +113,7 @@ def main() -> int:
     result_name = "decode_vs_hf" + ("" if cpu else f"_{device.type}")
     result_name += "" if args.dtype == ("fp32" if cpu else "bf16") else f"_{args.dtype}"
     result_name += "" if args.model == ("tiny" if cpu else "llama-1.1b") else f"_{args.model}"
+    result_name += f"_{args.tag}" if args.tag else ""
     variants = {"lmstack": {}, "lmstack+compile": {"compile": True}}
     results = {"meta": meta(), "model": args.model, "dtype": args.dtype, "prompt_len": args.prompt_len,
                "new_tokens": N, "workloads": {}}
