@@ -203,7 +203,7 @@ def cmd_eval(args) -> int:
     from .train.checkpoint import load_adapter_into, load_model, resolve_checkpoint
     from .train.task_eval import evaluate_task, format_table
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     ckpt = resolve_checkpoint(args.checkpoint, adapters=args.adapter is None)
     tuned = ckpt  # the fine-tune's folder: its tokenizer, data and template
     if args.adapter and not any((Path(args.adapter) / f).is_file() for f in ("adapter.json", "adapter_config.json")):
@@ -244,7 +244,7 @@ def _load_for_generation(args):
 
     if bool(args.checkpoint) == bool(args.hf):
         raise ValueError("pass exactly one of --checkpoint DIR (lmstack) or --hf DIR (Hugging Face)")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     if args.hf:
         model = from_hf(args.hf, device=device)
         tok = Tokenizer.from_file(args.hf) if (Path(args.hf) / "tokenizer.json").is_file() else None
@@ -306,14 +306,31 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def resolve_device(name: str) -> str:
+    """--device: "auto" (CUDA when there is one, else the CPU) or a torch device name, checked here
+    so a typo or a missing GPU is a one-line error instead of a failure deep inside torch."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; pass auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device; pass --device cpu (or auto)")
+    return name
+
+
 def cmd_convert(args) -> int:
     from .interop import from_hf, to_hf
     from .interop.hf import copy_tokenizer_files
-    from .io import atomic_dir, stored_dtype
+    from .io import atomic_dir, check_output_dir, stored_dtype
     from .train.checkpoint import load_model, resolve_checkpoint, save_model_dir
 
     if bool(args.from_hf) == bool(args.to_hf):
         raise ValueError("pass exactly one of --from-hf HF_DIR or --to-hf LMSTACK_CHECKPOINT")
+    check_output_dir(args.out, sources=(args.from_hf or args.to_hf,))
     if args.from_hf:
         model = from_hf(args.from_hf)
         with atomic_dir(args.out) as tmp:

@@ -66,6 +66,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``final`` whole, on error it vanishes."""
     final = Path(final)
+    made = [p for p in reversed(final.parents) if not p.exists()]  # parent folders this call creates
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())
@@ -85,7 +86,27 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(made):  # and the parents it made, innermost first, if still empty
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise
+
+
+def check_output_dir(out: str | Path, *, sources: tuple[str | Path, ...] = ()) -> Path:
+    """Refuse an output folder that replacing whole (``atomic_dir``) would lose data from: a file,
+    a folder holding files but no config.json (not a model folder), or one of ``sources`` or a folder
+    holding one of them (converting a model onto itself)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; pass a folder path for the model")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ValueError(f"{out} already holds files and is not a model folder (no config.json); it would be "
+                         f"replaced whole, so pass a new or empty folder")
+    for src in sources:
+        src = Path(src).resolve()
+        if out.resolve() == src or out.resolve() in src.parents:
+            raise ValueError(f"--out {out} would replace the model being converted ({src}); pass another folder")
+    return out
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -141,9 +162,16 @@ def copy_tensors_into(expected: dict[str, torch.Tensor], sources: dict[str, tupl
     with torch.no_grad():
         for file, names in by_file.items():
             handle = open_safetensors(file)
+            held = set(handle.keys())
             for name in names:
                 key = sources[name][1]
+                if key not in held:
+                    raise ValueError(f"{file} does not hold tensor {key!r}, which the index places there; the index "
+                                     f"and the shards disagree: re-download the checkpoint")
                 src, dst = read_tensor(handle, key, file), expected[name]
+                if not src.dtype.is_floating_point:
+                    raise ValueError(f"{file}: tensor {key!r} is {str(src.dtype).removeprefix('torch.')}, not a float "
+                                     f"tensor; it is not a weight this model can load")
                 if src.shape != dst.shape:
                     raise ValueError(
                         f"{file}: tensor {key!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)} for this config"

@@ -95,10 +95,14 @@ def test_packed_documents_equal_separate_forwards(seed):
     docs = [torch.randint(3, 97, (n,)) for n in (5, 9, 2)]
     x = torch.cat(docs)[None]  # one packed row
     doc_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
-    with torch.no_grad():
-        packed = m(x, seqs=Seqs.from_doc_ids(doc_ids))[0]
-        separate = torch.cat([m(d[None])[0] for d in docs])
+    packed = m(x, seqs=Seqs.from_doc_ids(doc_ids))[0]
+    separate = torch.cat([m(d[None])[0] for d in docs])
     torch.testing.assert_close(packed, separate, rtol=1e-10, atol=1e-10)
+    # and training on the packed row is training on the documents apart: the same gradients
+    w = torch.randn_like(packed)  # a random linear loss reaches every logit
+    grads = [torch.autograd.grad((out * w).sum(), list(m.parameters())) for out in (packed, separate)]
+    for name, a, b in zip([n for n, _ in m.named_parameters()], *grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_hf_module_names():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import sysconfig
 import warnings
 import weakref
@@ -316,12 +317,21 @@ def padded_positions(pad_mask: torch.Tensor) -> torch.Tensor:
     return (pad_mask.long().cumsum(-1) - 1).masked_fill(~pad_mask, 0)
 
 
+def refuse_text(input_ids) -> None:
+    if isinstance(input_ids, (str, bytes)):
+        raise ValueError("input_ids is text; encode it into token ids first (tok.encode(text)) and pass those")
+
+
 def prepare_inputs(
     input_ids, attention_mask: torch.Tensor | None, pad_value: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prompt(s) -> ids (B, T) on ``device`` and pad_mask (B, T) bool, or None when nothing is padded."""
+    refuse_text(input_ids)
     if type(input_ids).__module__ == "numpy":  # an array (a tokenizer's return_tensors="np") is a tensor
         input_ids = torch.as_tensor(input_ids)
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a tensor shaped like input_ids (1 = token, 0 = padding), got "
+                         f"{type(attention_mask).__name__}; pass a list of ragged prompts without a mask instead")
     if isinstance(input_ids, torch.Tensor):
         ids = input_ids[None] if input_ids.dim() == 1 else input_ids
         if ids.dim() != 2 or ids.dtype.is_floating_point:
@@ -364,10 +374,16 @@ def as_id_list(token_ids: int | Sequence[int] | torch.Tensor | None) -> list[int
         return []
     if hasattr(token_ids, "tolist"):  # tensors and numpy values: .tolist() gives an int or a list of ints
         token_ids = token_ids.tolist()
-    return [int(token_ids)] if isinstance(token_ids, int) else [int(t) for t in token_ids]
+    ids = [token_ids] if isinstance(token_ids, numbers.Integral) else token_ids
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                     for t in ids):
+        raise ValueError(f"eos_token_id={token_ids!r} must be a token id or a list of them")
+    return [int(t) for t in ids]
 
 
 def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     limit = model.config.max_seq_len
@@ -382,8 +398,14 @@ def check_ids(model: torch.nn.Module, ids: torch.Tensor, pad_mask: torch.Tensor 
     """Prompt ids must be vocabulary ids, or the placeholders -1 ... -n of a soft prompt placed in the
     text (``Transformer.soft_tokens``, ``lmstack.peft.soft_prompt_ids``)."""
     real = ids if pad_mask is None else ids.masked_fill(~pad_mask, 0)
-    low, high = int(real.min()), int(real.max())
     vocab = model.config.vocab_size
+    if pad_mask is not None and not bool(pad_mask.all()):
+        pad = ids[~pad_mask]
+        bad = pad[(pad < 0) | (pad >= vocab)]
+        if bad.numel():  # still embedded (then masked): an embedding lookup outside the table fails
+            raise ValueError(f"padding holds id {int(bad[0])}, outside the vocabulary of {vocab}; pad with an id in "
+                             f"0..{vocab - 1} (pad_token_id, or the ids under attention_mask == 0)")
+    low, high = int(real.min()), int(real.max())
     if high >= vocab:
         raise ValueError(f"prompt holds token id {high}, outside the model's vocabulary of {vocab}; "
                          f"encode prompts with the model's own tokenizer")
@@ -395,6 +417,8 @@ def check_ids(model: torch.nn.Module, ids: torch.Tensor, pad_mask: torch.Tensor 
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"seed={seed!r} must be an integer (or None for torch's global generator)")
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
@@ -594,6 +618,7 @@ def generate_stream(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         repetition_penalty=repetition_penalty,
     )
+    refuse_text(input_ids)
     prompt = torch.as_tensor(input_ids, dtype=torch.long)
     if prompt.dim() != 1:
         raise ValueError(f"generate_stream takes one prompt, a 1-D list or tensor of ids; got {tuple(prompt.shape)}")

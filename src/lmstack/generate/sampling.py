@@ -14,6 +14,8 @@ reproducible.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 NEG_INF = float("-inf")
@@ -152,6 +154,12 @@ def check_sampling_args(
     repetition_penalty: float | None,
 ) -> None:
     """Raise a one-line ValueError for a setting HF would reject too."""
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p), ("typical_p", typical_p),
+                        ("repetition_penalty", repetition_penalty)):
+        if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool)):
+            raise ValueError(f"{name}={value!r} must be a number (None = off)")
+    if top_k is not None and isinstance(top_k, bool):
+        raise ValueError(f"top_k={top_k!r} must be a non-negative integer (None or 0 = off)")
     if temperature is not None and not temperature >= 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 or None = greedy)")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 0):

@@ -17,7 +17,7 @@ import torch
 
 from ..config import ModelConfig
 from ..data.tokenizer import CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, Tokenizer
-from ..io import atomic_dir, copy_tensors_into, open_safetensors, save_safetensors
+from ..io import atomic_dir, check_output_dir, copy_tensors_into, open_safetensors, save_safetensors
 from ..model import Transformer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
@@ -53,10 +53,38 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, out
 
 
+_INT, _NUM = (int,), (int, float)
+# config.json fields lmstack reads: (kinds, required); a wrong kind is an error naming the field
+CONFIG_FIELDS = {
+    "vocab_size": (_INT, True), "hidden_size": (_INT, True), "num_hidden_layers": (_INT, True),
+    "num_attention_heads": (_INT, True), "intermediate_size": (_INT, True), "num_key_value_heads": (_INT, False),
+    "head_dim": (_INT, False), "max_position_embeddings": (_INT, False), "original_max_position_embeddings": (_INT, False),
+    "rms_norm_eps": (_NUM, False), "initializer_range": (_NUM, False), "rope_theta": (_NUM, False),
+    "tie_word_embeddings": ((bool,), False), "sliding_window": (_INT, False),
+    "rope_scaling": ((dict,), False), "rope_parameters": ((dict,), False),
+}
+
+
+def _check_fields(hf: dict[str, Any], path: Path) -> None:
+    """One-line errors for a config.json that lacks a size or holds a field of
+    the wrong type (null counts as absent, as transformers reads it)."""
+    for key, (kinds, required) in CONFIG_FIELDS.items():
+        value = hf.get(key)
+        if value is None:
+            if required:
+                raise ValueError(f"{path}: required field {key!r} is missing; pass the model's full config.json")
+        elif not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = "/".join(k.__name__ for k in kinds)
+            raise ValueError(f"{path}: {key}={value!r} must be a {names}; fix config.json")
+
+
 def config_from_hf(hf: dict[str, Any], path: Path | str = "config.json") -> ModelConfig:
     """Translate an HF config dict into a ModelConfig (raising on features we do not implement)."""
     path = Path(path)
-    family = _family(hf, path)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} must hold a JSON object (an HF model config), got {type(hf).__name__}")
+    family = _family(hf, path)  # an unsupported architecture is named first
+    _check_fields(hf, path)
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
     if hf.get("mlp_bias"):
@@ -69,6 +97,13 @@ def config_from_hf(hf: dict[str, Any], path: Path | str = "config.json") -> Mode
     elif family == "qwen2" and hf.get("use_sliding_window"):
         raise ValueError(f"{path}: Qwen2 use_sliding_window=true (per-layer windows) is not supported")
     theta, scaling = _rope(hf)
+    factor = None if scaling is None else scaling.get("factor")
+    if scaling is not None and scaling["type"] in ("linear", "dynamic", "yarn", "llama3") and (
+            (factor is None and scaling["type"] in ("linear", "dynamic"))  # yarn, llama3: the ratio of contexts
+            or (factor is not None and (not isinstance(factor, (int, float)) or isinstance(factor, bool)))):
+        key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+        raise ValueError(f"{path}: {key} of type {scaling['type']!r} needs a numeric 'factor', got "
+                         f"{scaling.get('factor')!r}; fix config.json")
     max_len = hf.get("max_position_embeddings", 2048)
     if (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"{path}: partial_rotary_factor != 1 (RoPE on part of each head) is not supported")
@@ -86,14 +121,17 @@ def config_from_hf(hf: dict[str, Any], path: Path | str = "config.json") -> Mode
             # (llama3's factor is not a context ratio: Llama 3.2 has 32 x 8192 > its 131072.)
             max_len = max(max_len, int(scaling["factor"] * old))
     heads = hf["num_attention_heads"]
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, ffn_dim=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-        max_seq_len=max_len, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2", sliding_window=window, init_std=hf.get("initializer_range", 0.02),
-    )
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // max(heads, 1), ffn_dim=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+            max_seq_len=max_len, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2", sliding_window=window, init_std=hf.get("initializer_range", 0.02),
+        )
+    except ValueError as e:  # a size ModelConfig refuses: say which file it came from
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
@@ -101,9 +139,11 @@ def _weight_files(path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:  # bad JSON or UTF-8, no weight_map, not an object
+            raise ValueError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e}); re-download it") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: weight_map must map tensor names to shard file names; re-download it")
         return {k: path / v for k, v in weight_map.items()}
     single = path / "model.safetensors"
     if not single.is_file():
@@ -115,6 +155,12 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 def _hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else "model." + name
+
+
+def _ignorable(name: str, cfg: ModelConfig) -> bool:
+    """Checkpoint tensors lmstack may skip: RoPE's inv_freq (older transformers saved the buffer)
+    and, with tied embeddings, an lm_head copy of the embedding."""
+    return name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight")
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -142,8 +188,8 @@ def from_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: st
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face model directory")
     try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON, or not UTF-8
         raise ValueError(f"{cfg_file} is not valid JSON ({e})") from None
     cfg = config_from_hf(hf, cfg_file)
     dtype = parse_dtype(dtype)
@@ -155,6 +201,11 @@ def from_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: st
     missing = [k for k in expected if _hf_name(k) not in files]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks tensor(s) {[_hf_name(k) for k in missing[:5]]}")
+    used = {_hf_name(k) for k in expected}
+    extra = sorted(k for k in files if k not in used and not _ignorable(k, cfg))
+    if extra:  # e.g. more layers than config.json says: loading would silently drop them
+        raise ValueError(f"{path}: checkpoint holds tensor(s) {extra[:5]}{' …' if len(extra) > 5 else ''} that this "
+                         f"config has no place for; check num_hidden_layers and the sizes in config.json")
     copy_tensors_into(expected, {k: (files[_hf_name(k)], _hf_name(k)) for k in expected})
     return model.eval()
 
@@ -215,8 +266,11 @@ def to_hf(model: Transformer, out_dir: str | Path, *, max_shard_bytes: int = 5 *
             size = 0
         shards[-1][k] = v
         size += nbytes
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir)
     tok = None
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir} is not a folder; pass the model or checkpoint folder "
+                                f"holding tokenizer.json")
     if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
         tok = Tokenizer.from_file(tokenizer_dir)
     with atomic_dir(out_dir) as tmp:
