@@ -263,3 +263,28 @@ def test_padding_ids_outside_the_vocabulary(model, case):
                      attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
     except ValueError as e:
         assert "pad" in str(e)
+
+
+@pytest.mark.parametrize("prompt", [[[1.0, 2.7]], [1, 2.5], torch.tensor([[True, False]]), [[1, True]]])
+def test_non_integer_prompt_ids_are_refused(model, prompt):
+    """Was: float lists truncated to ints (2.7 -> 2) and bool tensors read as ids 1 and 0, silently."""
+    with pytest.raises(ValueError, match="integer token ids"):
+        generate(model, prompt, 2)
+
+
+def test_numpy_integer_lists_are_prompts(model):
+    """A list of numpy integers (ids taken out of an array one by one) is a prompt like ints are."""
+    import numpy as np
+
+    ids = [1, 2, 3]
+    assert torch.equal(generate(model, [np.int64(i) for i in ids], 3).sequences, generate(model, ids, 3).sequences)
+
+
+@pytest.mark.parametrize("kw", [dict(max_shard_bytes="1GB"), dict(max_shard_bytes=0)])
+def test_to_hf_bad_arguments(model, tmp_path, kw):
+    """Was: TypeError for "1GB"; 0 silently wrote one shard per tensor."""
+    with pytest.raises(ValueError, match="max_shard_bytes"):
+        to_hf(model, tmp_path / "out", **kw)
+    with pytest.raises(ValueError, match="lmstack Transformer"):
+        to_hf(torch.nn.Linear(2, 2), tmp_path / "out")
+    assert _listing(tmp_path) == []

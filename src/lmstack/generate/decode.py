@@ -334,7 +334,7 @@ def prepare_inputs(
                          f"{type(attention_mask).__name__}; pass a list of ragged prompts without a mask instead")
     if isinstance(input_ids, torch.Tensor):
         ids = input_ids[None] if input_ids.dim() == 1 else input_ids
-        if ids.dim() != 2 or ids.dtype.is_floating_point:
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise ValueError(
                 f"input_ids must be integer token ids shaped (batch, seq_len); "
                 f"got {tuple(input_ids.shape)} {input_ids.dtype}"
@@ -351,7 +351,12 @@ def prepare_inputs(
         prompts = list(input_ids)
         if not prompts:
             raise ValueError("input_ids is an empty batch; pass at least one prompt")
-        prompts = [prompts] if isinstance(prompts[0], int) else [list(p) for p in prompts]  # flat = one prompt
+        flat = isinstance(prompts[0], numbers.Integral)
+        prompts = [prompts] if flat else [list(p) for p in prompts]  # flat = one prompt
+        for p in prompts:
+            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in p):
+                bad = next(t for t in p if not isinstance(t, numbers.Integral) or isinstance(t, bool))
+                raise ValueError(f"input_ids must hold integer token ids; found {bad!r} ({type(bad).__name__})")
         ids, mask = left_pad(prompts, pad_value)
         mask = mask.to(device)
     if ids.shape[0] == 0 or ids.shape[1] == 0:

@@ -250,6 +250,10 @@ def to_hf(model: Transformer, out_dir: str | Path, *, max_shard_bytes: int = 5 *
     (``copy_tokenizer_files``) and sets config.json's bos/eos/pad ids from its tokenizer; a tokenizer
     lmstack trained also gets a tokenizer_config.json naming them, so ``AutoTokenizer`` and
     ``generate`` stop where lmstack does. Without it the ids are written as null."""
+    if not isinstance(model, Transformer):
+        raise ValueError(f"to_hf writes an lmstack Transformer, got {type(model).__name__}")
+    if not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes!r} must be a positive number of bytes (default 5 GiB)")
     method = (getattr(model, "peft_config", None) or {}).get("method")
     if method is not None:  # its tensors would be written under names no HF model has
         raise ValueError(f"the model has a {method!r} adapter; to_hf writes plain models: merge_and_unload() it "
