@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, dataclass_from_dict
 from ..data.corpus import TokenDataset, load_dataset
+from ..data.instruct import IGNORE_INDEX
 from ..data.packing import doc_seqs, get_windows, sample_batch
 from ..io import atomic_write_json
 from ..kernels import Seqs
@@ -298,9 +299,15 @@ class Trainer:
             g["lr"] = lr
         total = torch.zeros((), device=self.device)
         n_tokens = 0
-        for micro in range(cfg.grad_accum):
-            x, y, seqs, n = self._batch(step, micro)
-            loss = (self.train_step_fn(x, y) if seqs is None else self.train_step_fn(x, y, seqs)) / cfg.grad_accum
+        # The step's loss is the mean over all its trained targets, as one big batch's would be: each
+        # micro-batch's mean counts by its share of them (fine-tuning micro-batches hold different
+        # numbers of response tokens; a plain 1 / grad_accum would over-weight the short ones).
+        batches = [self._batch(step, micro) for micro in range(cfg.grad_accum)]
+        counts = [(y != IGNORE_INDEX).sum() for _, y, _, _ in batches]  # device tensors: no sync here
+        all_targets = torch.stack(counts).sum().clamp(min=1)
+        for (x, y, seqs, n), count in zip(batches, counts):
+            mean = self.train_step_fn(x, y) if seqs is None else self.train_step_fn(x, y, seqs)
+            loss = torch.where(count > 0, mean, 0.0) * (count / all_targets)  # (no targets: mean is nan)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach()
             n_tokens += n
