@@ -77,3 +77,14 @@ def ragged_batch(lengths, seed=0, *, vocab=128, pad=127):
         ids[i, T - n :] = torch.randint(0, min(vocab, pad), (n,), generator=g)
         mask[i, T - n :] = 1
     return ids, mask
+
+
+def hf_penalises_padding() -> bool:
+    """Whether this transformers' ``generate`` counts left-padding tokens in ``repetition_penalty``
+    (5.17 did; 5.24 leaves them out through the attention mask, as lmstack does). Parity tests of
+    padded batches with a penalty can only match the newer behaviour."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    return "prompt_ignore_length=" not in inspect.getsource(GenerationMixin._get_logits_processor)

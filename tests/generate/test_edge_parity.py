@@ -17,7 +17,7 @@ import torch
 
 from lmstack.generate import generate, generate_stream, process_logits
 
-from ..hf_models import no_special_tokens, ragged_batch, tiny_hf
+from ..hf_models import hf_penalises_padding, no_special_tokens, ragged_batch, tiny_hf
 
 pytest.importorskip("transformers")
 from transformers import GenerationConfig  # noqa: E402
@@ -141,6 +141,8 @@ def hf_processors(h, ids, mask, **settings):
 def test_sampling_path_with_one_token_left_matches_hf(settings):
     """Sampling settings that leave one token: HF's sampler and lmstack's must then agree token for
     token through the whole sampling path (processors, draw, ragged positions, EOS, padding)."""
+    if "repetition_penalty" in settings and hf_penalises_padding():
+        pytest.skip("this transformers penalises left padding in repetition_penalty (newer ones, and lmstack, do not)")
     h, m = make("mistral", seed=2)
     ids, mask = ragged_batch([1, 12, 5], seed=8, pad=PAD)
     T = ids.shape[1]
@@ -247,7 +249,8 @@ def test_processors_on_edge_logits_match_hf_pipeline(llama):
         s = {n: v for n, v in dict(temperature=temp, top_k=k, top_p=p, min_p=mp, typical_p=ty,
                                      repetition_penalty=rp).items() if v is not None}
         ref = hf_processors(h, ids, mask, **s)(ids, logits.clone())
-        ours = process_logits(logits, ids, input_mask=mask, **s)
+        # (a transformers that penalises padding too is matched by giving lmstack no mask)
+        ours = process_logits(logits, ids, input_mask=None if rp and hf_penalises_padding() else mask, **s)
         assert torch.equal(torch.isinf(ours), torch.isinf(ref)), s
         assert torch.equal(ours[torch.isfinite(ours)], ref[torch.isfinite(ref)]), s
     assert i + 1 == 2 * 3 * 4 * 3 * 3

@@ -10,6 +10,7 @@ from lmstack.generate import GenerateOutput, generate, generate_stream
 
 pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from ..hf_models import hf_penalises_padding  # noqa: E402
 
 V, MAX_LEN = 128, 128
 
@@ -106,6 +107,8 @@ def test_compiled_decode_matches_hf(models):
 
 
 def test_repetition_penalty_greedy_matches_hf(models):
+    if hf_penalises_padding():
+        pytest.skip("this transformers penalises left padding in repetition_penalty (newer ones, and lmstack, do not)")
     h, m = models
     prompts, pad = ragged([4, 10, 7]), 5
     ids, mask = hf_left_pad(prompts, pad)
