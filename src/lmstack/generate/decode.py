@@ -119,7 +119,13 @@ class Steps:
         room = model.config.max_seq_len - model.virtual_tokens
         total = max(total, min(-(-total // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND, room))
         self.close()
-        cache = model.setup_cache(batch_size, total, reuse=STATIC_CACHES.pop(model, None))
+        kept = STATIC_CACHES.pop(model, None)
+        try:
+            cache = model.setup_cache(batch_size, total, reuse=kept)
+        except BaseException:  # refused (or interrupted) before using it: keep it for the next call
+            if kept is not None:
+                STATIC_CACHES[model] = kept
+            raise
         self.taken = (model, cache)
         return cache
 
@@ -391,11 +397,13 @@ def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int) -
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    limit = model.config.max_seq_len
+    virtual = getattr(model, "virtual_tokens", 0)  # a prefix's or prompt's learned positions come first
+    limit = model.config.max_seq_len - virtual
     if prompt_len + max_new_tokens > limit:
+        beside = f" (max_seq_len={model.config.max_seq_len} less {virtual} virtual tokens)" if virtual else ""
         raise ValueError(
             f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = {prompt_len + max_new_tokens} "
-            f"exceeds the model context max_seq_len={limit}; shorten the prompt or lower max_new_tokens"
+            f"exceeds the model context of {limit}{beside}; shorten the prompt or lower max_new_tokens"
         )
 
 
