@@ -400,10 +400,11 @@ def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int) -
     virtual = getattr(model, "virtual_tokens", 0)  # a prefix's or prompt's learned positions come first
     limit = model.config.max_seq_len - virtual
     if prompt_len + max_new_tokens > limit:
-        beside = f" (max_seq_len={model.config.max_seq_len} less {virtual} virtual tokens)" if virtual else ""
+        context = (f"of {limit} (max_seq_len={model.config.max_seq_len} less {virtual} virtual tokens)" if virtual
+                   else f"max_seq_len={limit}")
         raise ValueError(
             f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = {prompt_len + max_new_tokens} "
-            f"exceeds the model context of {limit}{beside}; shorten the prompt or lower max_new_tokens"
+            f"exceeds the model context {context}; shorten the prompt or lower max_new_tokens"
         )
 
 
