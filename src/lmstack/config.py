@@ -49,10 +49,10 @@ class ModelConfig:
             object.__setattr__(self, name, value)
 
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.n_kv_heads is None:
             _set("n_kv_heads", self.n_heads)
-        _positive_int("n_kv_heads", self.n_kv_heads)
+        positive_int("n_kv_heads", self.n_kv_heads)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
@@ -64,12 +64,12 @@ class ModelConfig:
                     f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim explicitly"
                 )
             _set("head_dim", self.dim // self.n_heads)
-        _positive_int("head_dim", self.head_dim)
+        positive_int("head_dim", self.head_dim)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs of dimensions)")
         if self.ffn_dim is None:
             _set("ffn_dim", _llama_ffn_dim(self.dim))
-        _positive_int("ffn_dim", self.ffn_dim)
+        positive_int("ffn_dim", self.ffn_dim)
         if not (0 < self.norm_eps < 1):
             raise ValueError(f"norm_eps={self.norm_eps} must be in (0, 1)")
         if not self.rope_theta > 0:
@@ -77,7 +77,7 @@ class ModelConfig:
         if not self.init_std > 0:
             raise ValueError(f"init_std={self.init_std} must be > 0")
         if self.sliding_window is not None:
-            _positive_int("sliding_window", self.sliding_window)
+            positive_int("sliding_window", self.sliding_window)
         if self.rope_scaling is not None:
             _set("rope_scaling", _check_rope_scaling(self.rope_scaling, self.max_seq_len))
 
@@ -131,7 +131,7 @@ def dataclass_from_dict(cls, d: dict[str, Any], what: str):
     return cls(**d)
 
 
-def _positive_int(name: str, value: Any) -> None:
+def positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive integer")
 

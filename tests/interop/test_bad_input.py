@@ -288,3 +288,13 @@ def test_to_hf_bad_arguments(model, tmp_path, kw):
     with pytest.raises(ValueError, match="lmstack Transformer"):
         to_hf(torch.nn.Linear(2, 2), tmp_path / "out")
     assert _listing(tmp_path) == []
+
+
+def test_stream_refuses_non_integer_ids_like_generate(model):
+    """generate_stream goes through the same prompt checks: float ids were truncated there (1.9 -> 1),
+    bool ones read as 0/1; an empty prompt is still called empty."""
+    for prompt in ([1, 1.9], torch.tensor([True, False]), torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match="integer token ids"):
+            generate_stream(model, prompt, 2)
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate_stream(model, [], 2)

@@ -323,6 +323,11 @@ def padded_positions(pad_mask: torch.Tensor) -> torch.Tensor:
     return (pad_mask.long().cumsum(-1) - 1).masked_fill(~pad_mask, 0)
 
 
+def is_int(x) -> bool:
+    """An integer (Python's or numpy's) and not a bool: what a token id, a count or a seed must be."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def refuse_text(input_ids) -> None:
     if isinstance(input_ids, (str, bytes)):
         raise ValueError("input_ids is text; encode it into token ids first (tok.encode(text)) and pass those")
@@ -340,7 +345,8 @@ def prepare_inputs(
                          f"{type(attention_mask).__name__}; pass a list of ragged prompts without a mask instead")
     if isinstance(input_ids, torch.Tensor):
         ids = input_ids[None] if input_ids.dim() == 1 else input_ids
-        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        not_ids = ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool
+        if ids.dim() != 2 or (not_ids and ids.numel()):  # (an empty one is refused as empty, below)
             raise ValueError(
                 f"input_ids must be integer token ids shaped (batch, seq_len); "
                 f"got {tuple(input_ids.shape)} {input_ids.dtype}"
@@ -357,11 +363,11 @@ def prepare_inputs(
         prompts = list(input_ids)
         if not prompts:
             raise ValueError("input_ids is an empty batch; pass at least one prompt")
-        flat = isinstance(prompts[0], numbers.Integral)
-        prompts = [prompts] if flat else [list(p) for p in prompts]  # flat = one prompt
+        flat = isinstance(prompts[0], numbers.Integral)  # one prompt
+        prompts = [prompts] if flat else [list(p) for p in prompts]
         for p in prompts:
-            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in p):
-                bad = next(t for t in p if not isinstance(t, numbers.Integral) or isinstance(t, bool))
+            bad = next((t for t in p if not is_int(t)), None)
+            if bad is not None:
                 raise ValueError(f"input_ids must hold integer token ids; found {bad!r} ({type(bad).__name__})")
         ids, mask = left_pad(prompts, pad_value)
         mask = mask.to(device)
@@ -386,14 +392,13 @@ def as_id_list(token_ids: int | Sequence[int] | torch.Tensor | None) -> list[int
     if hasattr(token_ids, "tolist"):  # tensors and numpy values: .tolist() gives an int or a list of ints
         token_ids = token_ids.tolist()
     ids = [token_ids] if isinstance(token_ids, numbers.Integral) else token_ids
-    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
-                                                     for t in ids):
+    if not isinstance(ids, (list, tuple)) or not all(map(is_int, ids)):
         raise ValueError(f"eos_token_id={token_ids!r} must be a token id or a list of them")
     return [int(t) for t in ids]
 
 
 def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int) -> None:
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
+    if not is_int(max_new_tokens):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -413,12 +418,12 @@ def check_ids(model: torch.nn.Module, ids: torch.Tensor, pad_mask: torch.Tensor 
     text (``Transformer.soft_tokens``, ``lmstack.peft.soft_prompt_ids``)."""
     real = ids if pad_mask is None else ids.masked_fill(~pad_mask, 0)
     vocab = model.config.vocab_size
-    if pad_mask is not None and not bool(pad_mask.all()):
-        pad = ids[~pad_mask]
-        bad = pad[(pad < 0) | (pad >= vocab)]
-        if bad.numel():  # still embedded (then masked): an embedding lookup outside the table fails
-            raise ValueError(f"padding holds id {int(bad[0])}, outside the vocabulary of {vocab}; pad with an id in "
-                             f"0..{vocab - 1} (pad_token_id, or the ids under attention_mask == 0)")
+    if pad_mask is not None:  # padding is still embedded (then masked): an id outside the table fails there
+        padding = ids.masked_fill(pad_mask, 0)
+        low, high = int(padding.min()), int(padding.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"padding holds id {low if low < 0 else high}, outside the vocabulary of {vocab}; pad "
+                             f"with an id in 0..{vocab - 1} (pad_token_id, or the ids under attention_mask == 0)")
     low, high = int(real.min()), int(real.max())
     if high >= vocab:
         raise ValueError(f"prompt holds token id {high}, outside the model's vocabulary of {vocab}; "
@@ -431,7 +436,7 @@ def check_ids(model: torch.nn.Module, ids: torch.Tensor, pad_mask: torch.Tensor 
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+    if seed is not None and not is_int(seed):
         raise ValueError(f"seed={seed!r} must be an integer (or None for torch's global generator)")
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
@@ -633,7 +638,7 @@ def generate_stream(
         repetition_penalty=repetition_penalty,
     )
     refuse_text(input_ids)
-    prompt = torch.as_tensor(input_ids, dtype=torch.long)
+    prompt = torch.as_tensor(input_ids)  # its own dtype: prepare_inputs refuses float and bool ids
     if prompt.dim() != 1:
         raise ValueError(f"generate_stream takes one prompt, a 1-D list or tensor of ids; got {tuple(prompt.shape)}")
     device = next(model.parameters()).device

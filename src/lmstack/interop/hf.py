@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, positive_int
 from ..data.tokenizer import CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, Tokenizer
 from ..io import atomic_dir, check_output_dir, copy_tensors_into, open_safetensors, save_safetensors
 from ..model import Transformer
@@ -65,6 +65,11 @@ CONFIG_FIELDS = {
 }
 
 
+def _is(value: Any, kinds: tuple[type, ...]) -> bool:
+    """isinstance, except that a JSON true/false is not a number."""
+    return isinstance(value, kinds) and (not isinstance(value, bool) or bool in kinds)
+
+
 def _check_fields(hf: dict[str, Any], path: Path) -> None:
     """One-line errors for a config.json that lacks a size or holds a field of
     the wrong type (null counts as absent, as transformers reads it)."""
@@ -73,7 +78,7 @@ def _check_fields(hf: dict[str, Any], path: Path) -> None:
         if value is None:
             if required:
                 raise ValueError(f"{path}: required field {key!r} is missing; pass the model's full config.json")
-        elif not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        elif not _is(value, kinds):
             names = "/".join(k.__name__ for k in kinds)
             raise ValueError(f"{path}: {key}={value!r} must be a {names}; fix config.json")
 
@@ -97,13 +102,13 @@ def config_from_hf(hf: dict[str, Any], path: Path | str = "config.json") -> Mode
     elif family == "qwen2" and hf.get("use_sliding_window"):
         raise ValueError(f"{path}: Qwen2 use_sliding_window=true (per-layer windows) is not supported")
     theta, scaling = _rope(hf)
-    factor = None if scaling is None else scaling.get("factor")
-    if scaling is not None and scaling["type"] in ("linear", "dynamic", "yarn", "llama3") and (
-            (factor is None and scaling["type"] in ("linear", "dynamic"))  # yarn, llama3: the ratio of contexts
-            or (factor is not None and (not isinstance(factor, (int, float)) or isinstance(factor, bool)))):
-        key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-        raise ValueError(f"{path}: {key} of type {scaling['type']!r} needs a numeric 'factor', got "
-                         f"{scaling.get('factor')!r}; fix config.json")
+    if scaling is not None and scaling["type"] in ("linear", "dynamic", "yarn", "llama3"):
+        factor = scaling.get("factor")
+        derived = factor is None and scaling["type"] in ("yarn", "llama3")  # the ratio of the two contexts, below
+        if not (derived or _is(factor, _NUM)):
+            key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+            raise ValueError(f"{path}: {key} of type {scaling['type']!r} needs a numeric 'factor', got "
+                             f"{factor!r}; fix config.json")
     max_len = hf.get("max_position_embeddings", 2048)
     if (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"{path}: partial_rotary_factor != 1 (RoPE on part of each head) is not supported")
@@ -252,8 +257,7 @@ def to_hf(model: Transformer, out_dir: str | Path, *, max_shard_bytes: int = 5 *
     ``generate`` stop where lmstack does. Without it the ids are written as null."""
     if not isinstance(model, Transformer):
         raise ValueError(f"to_hf writes an lmstack Transformer, got {type(model).__name__}")
-    if not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool) or max_shard_bytes < 1:
-        raise ValueError(f"max_shard_bytes={max_shard_bytes!r} must be a positive number of bytes (default 5 GiB)")
+    positive_int("max_shard_bytes", max_shard_bytes)
     method = (getattr(model, "peft_config", None) or {}).get("method")
     if method is not None:  # its tensors would be written under names no HF model has
         raise ValueError(f"the model has a {method!r} adapter; to_hf writes plain models: merge_and_unload() it "
