@@ -5,8 +5,7 @@ documents (pretraining: a document ends at, and includes, each EOS; a row bounda
 runs every document *alone* through the model (positions from 0, nothing else visible) and weighs
 the per-token losses as one big batch would (the mean over the trained targets of the whole
 optimizer step, ``grad_accum`` micro-batches together). Loss and every parameter gradient are
-compared in float64 (the loss itself is fp32: ``causal_lm_loss`` casts logits to float32, even
-float64 ones).
+compared in float64 (the models here are float64, and so are their losses).
 """
 
 from __future__ import annotations
@@ -68,7 +67,7 @@ def _grads(loss, params):
     return [g.double() for g in torch.autograd.grad(loss, params)]
 
 
-def _assert_grads_close(got, want, rtol=1e-6):
+def _assert_grads_close(got, want, rtol=1e-10):
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want)):
         scale = max(w.abs().max().item(), 1e-12)
@@ -202,7 +201,7 @@ def test_doc_mask_loss_and_grads_equal_separate_documents(packed_trainer):
     params = t.trainable()
     got = t._loss(x, y)
     want = _ref_pretrain(t.model, x, y, t.eos_id)
-    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-10, atol=0)
     _assert_grads_close(_grads(got, params), _grads(want, params))
 
 
@@ -229,7 +228,7 @@ def test_doc_mask_grad_accum_equals_reference(packed_trainer):
     params = t.trainable()
     # Every micro-batch has B*T targets, so the mean of micro-batch means is the token mean of the step.
     want = sum(_ref_pretrain(t.model, x, y, t.eos_id) for x, y in batches) / 2
-    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-10, atol=0)
     _assert_grads_close(got, _grads(want, params))
 
 
@@ -245,7 +244,7 @@ def test_doc_mask_evaluate_equals_separate_documents(packed_trainer):
             n += T
     got = t.evaluate()
     assert got["val_tokens"] == n
-    assert got["val_loss"] == pytest.approx(total / n, rel=1e-6)
+    assert got["val_loss"] == pytest.approx(total / n, rel=1e-10)
 
 
 # ---- packed instruction tuning ------------------------------------------------------------------
@@ -310,7 +309,7 @@ def test_packed_finetune_loss_and_grads_equal_separate_examples(ft_cfg, short_ta
     got = ft._loss(x, y, seqs)
     total, n = _ref_instruct_sum(ft.model, rows)
     want = total / n
-    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-10, atol=0)
     _assert_grads_close(_grads(got, params), _grads(want, params))
 
 
@@ -322,7 +321,7 @@ def test_packed_finetune_grad_accum_matches_trainer_weighting(ft_cfg, short_task
     parts = [_ref_instruct_sum(ft.model, _batch_items(ft, m)) for m in range(2)]
     loss, got = _capture_step_grads(ft, 0)
     want = sum(s for s, _ in parts) / sum(c for _, c in parts)
-    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-10, atol=0)
     _assert_grads_close(got, _grads(want, params))
 
 
@@ -340,10 +339,10 @@ def test_finetune_grad_accum_equals_one_big_batch(ft_cfg, short_task):
     loss_acc, g_acc = _capture_step_grads(acc, 0)
     counts = [_ref_instruct_sum(acc.model, _batch_items(acc, m))[1] for m in range(2)]
     assert counts[0] != counts[1]  # else both weightings agree and this would check nothing
-    torch.testing.assert_close(loss_big.double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss_big.double(), want, rtol=1e-10, atol=0)
     _assert_grads_close(g_big, _grads(want, big.trainable()))
     # Failed before: each micro-batch's mean was weighted 1/grad_accum whatever its number of trained
     # targets, so a response token of micro-batch m weighed 1/(2 * counts[m]) instead of 1/sum(counts).
-    torch.testing.assert_close(loss_acc.double(), want, rtol=1e-6, atol=0,
+    torch.testing.assert_close(loss_acc.double(), want, rtol=1e-10, atol=0,
                                msg=lambda m: f"{m}\ntrained targets per micro-batch: {counts}")
     _assert_grads_close(g_acc, g_big)

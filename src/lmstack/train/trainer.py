@@ -37,7 +37,7 @@ from ..io import atomic_write_json
 from ..kernels import Seqs
 from ..model import Transformer
 from .checkpoint import load_training_state, load_weights, resolve_checkpoint, save_checkpoint
-from .objectives import causal_lm_loss
+from .objectives import causal_lm_loss, upcast
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -307,9 +307,10 @@ class Trainer:
         all_targets = torch.stack(counts).sum().clamp(min=1)
         for (x, y, seqs, n), count in zip(batches, counts):
             mean = self.train_step_fn(x, y) if seqs is None else self.train_step_fn(x, y, seqs)
-            loss = torch.where(count > 0, mean, 0.0) * (count / all_targets)  # (no targets: mean is nan)
+            share = count.to(mean.dtype) / all_targets.to(mean.dtype)  # in the loss's precision (fp64 runs)
+            loss = torch.where(count > 0, mean, 0.0) * share  # (no targets: mean is nan)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            total += loss.detach()
+            total = total + loss.detach()
             n_tokens += n
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -359,7 +360,7 @@ class Trainer:
             seqs = doc_seqs(x, self.eos_id) if cfg.doc_mask else None
             with self._autocast():
                 logits = self.model(x, seqs=seqs)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            nll = F.cross_entropy(upcast(logits).flatten(0, 1), y.flatten(), reduction="none")
             b = self.token_bytes[y.flatten()]
             nats += nll.sum().double()
             text_nats += (nll * (b > 0)).sum().double()
