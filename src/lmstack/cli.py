@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 USAGE_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
+DEFAULT_TEMPERATURE = 0.8  # `generate` without settings of its own or in the model folder
 
 
 def _field_comments(cls) -> dict[str, str]:
@@ -240,7 +241,7 @@ def _load_for_generation(args):
 
     from .data.tokenizer import Tokenizer
     from .interop import from_hf
-    from .train.checkpoint import load_checkpoint
+    from .train.checkpoint import load_checkpoint, resolve_checkpoint
 
     if bool(args.checkpoint) == bool(args.hf):
         raise ValueError("pass exactly one of --checkpoint DIR (lmstack) or --hf DIR (Hugging Face)")
@@ -248,11 +249,24 @@ def _load_for_generation(args):
     if args.hf:
         model = from_hf(args.hf, device=device)
         tok = Tokenizer.from_file(args.hf) if (Path(args.hf) / "tokenizer.json").is_file() else None
+        folder = Path(args.hf)
     else:
         model, tok = load_checkpoint(args.checkpoint, device=device)
+        folder = resolve_checkpoint(args.checkpoint, adapters=True)
     if tok is None:
         raise FileNotFoundError(f"{args.checkpoint or args.hf} has no tokenizer.json; generation needs one")
-    return model, tok
+    return model, tok, folder
+
+
+def _decoding_settings(args, folder: Path) -> dict:
+    """The sampling keywords: those given on the command line, else the folder's
+    generation_config.json read as transformers' generate() reads it, else temperature 0.8."""
+    from .interop import generation_settings
+
+    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                 typical_p=args.typical_p, repetition_penalty=args.repetition_penalty)
+    return {**(generation_settings(folder) or {"temperature": DEFAULT_TEMPERATURE}),
+            **{k: v for k, v in given.items() if v is not None}}
 
 
 def cmd_generate(args) -> int:
@@ -261,7 +275,7 @@ def cmd_generate(args) -> int:
     from .generate import generate, generate_stream
     from .peft import soft_prompt_ids
 
-    model, tok = _load_for_generation(args)
+    model, tok, folder = _load_for_generation(args)
     prompt = args.prompt.replace("\\n", "\n")
     chat = tok.chat_template is not None and not args.raw
     if chat:  # an instruct model: the prompt is the user's turn, rendered as transformers renders it
@@ -279,11 +293,7 @@ def cmd_generate(args) -> int:
     if not ids:
         raise ValueError("the prompt is empty; pass some text with --prompt")
     ids = ids + soft_prompt_ids(model)  # a soft prompt trained before the answer goes last (else nothing)
-    kw = dict(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        typical_p=args.typical_p, repetition_penalty=args.repetition_penalty, eos_token_id=tok.stop_ids or None,
-        seed=args.seed,
-    )
+    kw = dict(_decoding_settings(args, folder), eos_token_id=tok.stop_ids or None, seed=args.seed)
     if args.no_stream:
         out = generate(model, torch.tensor([ids], device=next(model.parameters()).device),
                        max_new_tokens=args.max_new_tokens, **kw)
@@ -434,7 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--hf", help="Hugging Face model directory (config.json + safetensors + tokenizer.json)")
     ge.add_argument("--prompt", required=True, help="prompt text (\\n for newlines)")
     ge.add_argument("--max-new-tokens", type=int, default=200)
-    ge.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ge.add_argument("--temperature", type=float, default=None,
+                    help=f"0 = greedy. The sampling options default to the model folder's generation_config.json "
+                         f"as HF generate reads it (greedy unless it sets do_sample), else temperature "
+                         f"{DEFAULT_TEMPERATURE} and no filters")
     ge.add_argument("--top-k", type=int, default=None)
     ge.add_argument("--top-p", type=float, default=None)
     ge.add_argument("--min-p", type=float, default=None)

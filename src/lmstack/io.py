@@ -178,3 +178,23 @@ def copy_tensors_into(expected: dict[str, torch.Tensor], sources: dict[str, tupl
                     )
                 dst.copy_(src)
                 del src  # freed before the next read: the model plus one tensor at most
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message, first line only (for one-line errors)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def read_json_object(file: str | Path) -> dict:
+    """A JSON object file (a model folder's config, tokenizer or generation settings); {} when there is none."""
+    file = Path(file)
+    if not file.is_file():
+        return {}
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"could not read {file}: {first_line(e)}; fix or delete it") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"could not read {file}: expected a JSON object, got "
+                         f"{type(obj).__name__}; fix or delete it")
+    return obj

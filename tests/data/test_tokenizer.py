@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmstack.data.tokenizer import BOS, EOS, PAD, Tokenizer
+from lmstack.data.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, Tokenizer
 
 CORPUS = ["the quick brown fox jumps over the lazy dog. " * 20,
           "To be, or not to be, that is the question:\n" * 20,
@@ -98,15 +98,25 @@ def test_errors(tok, tmp_path):
         no_bos.encode("x", add_bos=True)
 
 
-def test_special_tokens_map_fallback(tok, tmp_path):
-    """tokenizer_config.json wins (an explicit null too); special_tokens_map.json fills the rest."""
+@pytest.mark.parametrize("modern", [False, True])
+def test_special_tokens_map_fallback(tok, tmp_path, modern):
+    """As transformers 5 reads them: in a folder written before transformers 4.34 (no
+    added_tokens_decoder) special_tokens_map.json's names win over tokenizer_config.json's; a newer
+    folder's tokenizer_config.json is the whole truth (an explicit null too), the map unread."""
+    transformers = pytest.importorskip("transformers")
     tok.save(tmp_path)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": None}))
+    config = {"bos_token": None, "eos_token": EOS, "pad_token": PAD}
+    if modern:
+        config["added_tokens_decoder"] = {str(i): {"content": t, "special": True} for i, t in enumerate(SPECIAL_TOKENS)}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": EOS, "eos_token": {"content": PAD}, "unk_token": BOS}))
     loaded = Tokenizer.from_file(tmp_path)
-    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (None, 2, 2)
-    assert loaded.special_tokens == {"eos_token": PAD, "pad_token": PAD, "unk_token": BOS}
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    want = (None, 1, 2) if modern else (1, 2, 2)
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == want
+    assert want == (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id)
+    assert loaded.special_tokens == theirs.special_tokens_map
 
 
 def test_generation_config_stop_ids(tok, tmp_path):

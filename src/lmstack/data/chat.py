@@ -19,6 +19,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..io import first_line
+
 try:
     import jinja2
     import jinja2.ext
@@ -71,7 +73,7 @@ def render_chat(template: str, messages: list[dict], *, add_generation_prompt: b
         raise ValueError(f"the chat template rejected these messages: {e.message}") from None
     except jinja2.TemplateError as e:
         raise ValueError(f"chat template failed to render: {type(e).__name__}: "
-                         f"{_first_line(e)}") from e
+                         f"{first_line(e)}") from e
     return _cut_after_final_text(text) if continue_final_message else text
 
 
@@ -168,7 +170,7 @@ def _compile(template: str) -> jinja2.Template:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"chat template has a Jinja syntax error on line {e.lineno}: "
-                         f"{_first_line(e)}") from None
+                         f"{first_line(e)}") from None
 
 
 class _TemplateRaised(jinja2.TemplateError):
@@ -240,7 +242,3 @@ def _version(text: str) -> tuple[int, ...]:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

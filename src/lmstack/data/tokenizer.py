@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, first_line, read_json_object
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -38,6 +39,14 @@ NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                 "mask_token")
 _DEFAULT_NAMES = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# transformers 5's tokenizer classes for the families lmstack loads, with their default token names,
+# and the class it picks from config.json's model_type when tokenizer_config names none
+_CLASS_NAMES = {
+    "LlamaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "GPT2Tokenizer": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+    "Qwen2Tokenizer": {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+}
+_MODEL_TYPE_CLASSES = {"gpt2": "GPT2Tokenizer", "qwen2": "Qwen2Tokenizer"}
 CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named templates beside it (transformers 5): tool_use.jinja
 
 
@@ -87,7 +96,18 @@ class Tokenizer:
         transformers 5); only when it has none do tokenizer_config's `add_bos_token`/`add_eos_token`
         make one (transformers 4).
         Padding and truncation saved in tokenizer.json are switched off: transformers applies them
-        only when a call asks, and we never do."""
+        only when a call asks, and we never do.
+
+        Like transformers 5, the tokenizer class the folder names (tokenizer_config's
+        "tokenizer_class", else config.json's model_type) matters: its default token names fill
+        the unnamed ones (GPT-2's <|endoftext|>, Llama's <s>/</s>/<unk>), and `LlamaTokenizer`
+        replaces a SentencePiece tokenizer.json's normalizer and pre-tokenizer with a Metaspace
+        whose prefix follows tokenizer_config's `legacy` and `add_prefix_space` (Llama-2's file
+        prepends "▁" after every special token; with `"legacy": false` transformers does not). A
+        byte-level tokenizer.json, or a Mistral model's, is used as it is (transformers 5.24 then
+        also drops LlamaTokenizer's default names; we keep them, so such a folder keeps its EOS).
+        tokenizer_config's `added_tokens_decoder` flags win over tokenizer.json's, and every named
+        or extra special token becomes a special token, added to the vocabulary if missing there."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -96,13 +116,23 @@ class Tokenizer:
         try:
             hf = HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise ValueError(f"could not read tokenizer {file}: {_first_line(e)}; pass a valid "
+            raise ValueError(f"could not read tokenizer {file}: {first_line(e)}; pass a valid "
                              f"HF tokenizers tokenizer.json") from None
         hf.no_padding()
         hf.no_truncation()
         folder = file.parent
-        config = _read_json(folder / "tokenizer_config.json")
-        names = _token_names(config, _read_json(folder / "special_tokens_map.json"))
+        config = read_json_object(folder / "tokenizer_config.json")
+        model_config = read_json_object(folder / "config.json")
+        klass = _tokenizer_class(config, model_config)
+        special_map = read_json_object(folder / "special_tokens_map.json")
+        declared = _token_names(config, special_map, klass)
+        if _rebuilds_llama_pipeline(klass, model_config, hf):
+            _llama_pipeline(hf, config)
+        _add_config_tokens(hf, config, declared)
+        # what the folder leaves unnamed is None, as in transformers, but in a tokenizer we trained
+        # (ids 0-2 are our BOS/EOS/PAD) those three stand
+        ours = _DEFAULT_NAMES if [hf.id_to_token(i) for i in range(3)] == SPECIAL_TOKENS else {}
+        names = {k: declared.get(k, ours.get(k)) for k in NAMED_TOKENS}
         if hf.post_processor is None:
             _add_flag_post_processor(hf, names, config)
         default, named = _chat_templates(folder, config)
@@ -254,28 +284,86 @@ def _in_vocab(hf: HFTokenizer, names: dict[str, str | None]) -> dict[str, str]:
     return {k: v for k, v in names.items() if _id_or_none(hf, v) is not None}
 
 
-def _read_json(file: Path) -> dict:
-    """A JSON object file beside tokenizer.json; {} when there is none."""
-    if not file.is_file():
-        return {}
-    try:
-        obj = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"could not read {file}: {_first_line(e)}; fix or delete it") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"could not read {file}: expected a JSON object, got "
-                         f"{type(obj).__name__}; fix or delete it")
-    return obj
+def _tokenizer_class(config: dict, model_config: dict) -> str | None:
+    """The transformers 5 tokenizer class (without "Fast") that this folder names, among those whose
+    defaults or pipeline lmstack follows: tokenizer_config's "tokenizer_class", else the one
+    transformers maps config.json's model_type to; transformers always uses Qwen2Tokenizer for a
+    qwen2 model."""
+    model_type = model_config.get("model_type")
+    declared = config.get("tokenizer_class") or model_config.get("tokenizer_class")
+    declared = declared.removesuffix("Fast") if isinstance(declared, str) else None
+    if model_type == "qwen2":
+        return "Qwen2Tokenizer"
+    if declared is None:
+        return _MODEL_TYPE_CLASSES.get(model_type)
+    return declared if declared in _CLASS_NAMES else None
 
 
-def _token_names(config: dict, special_map: dict) -> dict[str, str | None]:
-    """Each named special token from tokenizer_config.json (an explicit null counts), else from
-    special_tokens_map.json, else our default name (BOS/EOS/PAD) or None."""
-    names = {}
-    for key in NAMED_TOKENS:
-        source = config if key in config else special_map
-        names[key] = _token_content(source.get(key, _DEFAULT_NAMES.get(key)), key)
-    return names
+def _rebuilds_llama_pipeline(klass: str | None, model_config: dict, hf: HFTokenizer) -> bool:
+    """Whether transformers 5 replaces tokenizer.json's pipeline with LlamaTokenizer's: not for a
+    Mistral model's folder nor a byte-level tokenizer.json (it reads those as they are)."""
+    return klass == "LlamaTokenizer" and model_config.get("model_type") != "mistral" and not _byte_level(hf)
+
+
+def _byte_level(hf: HFTokenizer) -> bool:
+    """A ByteLevel step in the pre-tokenizer or decoder (their JSON, without the vocabulary's)."""
+    return any(part is not None and b'"ByteLevel"' in part.__getstate__() for part in (hf.pre_tokenizer, hf.decoder))
+
+
+def _llama_pipeline(hf: HFTokenizer, config: dict) -> None:
+    """transformers 5's LlamaTokenizer pipeline: no normalizer, a Metaspace that prefixes "▁" to the
+    text's first piece only (`legacy` false, the default), to every piece between special tokens
+    (`legacy` true) or never (`add_prefix_space` false), and the matching SentencePiece decoder."""
+    prefix = config.get("add_prefix_space")
+    prefix = True if prefix is None else bool(prefix)
+    scheme = ("always" if config.get("legacy", False) else "first") if prefix else "never"
+    hf.normalizer = None
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    hf.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+
+
+def _add_config_tokens(hf: HFTokenizer, config: dict, names: dict[str, str | None]) -> None:
+    """As transformers 5 does: tokenizer_config's added_tokens_decoder entries with their flags (a
+    named token is always special), then each named and extra special token not yet an added one,
+    as a special token; a token missing from the vocabulary is appended to it."""
+    named = {v for v in names.values() if v is not None}
+    extra = [_token_content(t, key) for key in ("additional_special_tokens", "extra_special_tokens")
+             if isinstance(config.get(key), list) for t in config[key]]
+    extra = [t for t in extra if t is not None]
+    entries = config.get("added_tokens_decoder")
+    entries = entries if isinstance(entries, dict) else {}
+    wanted = []
+    for _, t in sorted(entries.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0):
+        if not isinstance(t, dict) or not isinstance(t.get("content"), str):
+            raise ValueError(f"added_tokens_decoder entries need a string \"content\", got {t!r}; fix "
+                             f"tokenizer_config.json")
+        flags = {k: bool(t[k]) for k in ("lstrip", "rstrip", "single_word", "normalized", "special") if k in t}
+        if t["content"] in named or t["content"] in extra:
+            flags["special"] = True
+        wanted.append(AddedToken(t["content"], **flags))
+    listed = {t.content for t in wanted}
+    wanted += [AddedToken(c, special=True, normalized=False) for c in dict.fromkeys([*named, *extra])
+               if c not in listed]
+    have = {t.content: t for t in hf.get_added_tokens_decoder().values()}
+    new = [t for t in wanted if t.content not in have or _flags(have[t.content]) != _flags(t)]
+    if new:
+        hf.add_tokens(new)
+
+
+def _flags(t: AddedToken) -> tuple:
+    return t.content, t.lstrip, t.rstrip, t.single_word, t.normalized, t.special
+
+
+def _token_names(config: dict, special_map: dict, klass: str | None) -> dict[str, str | None]:
+    """The named special tokens the folder sets, as transformers 5 resolves them: from
+    tokenizer_config.json (an explicit null counts); in a folder written before transformers 4.34
+    (no added_tokens_decoder), special_tokens_map.json's entries win over it; else the tokenizer
+    class's defaults. Names none of these set are left out."""
+    source = {**_CLASS_NAMES.get(klass, {}), **config}
+    if "added_tokens_decoder" not in config:
+        source.update(special_map)
+    return {key: _token_content(source[key], key) for key in NAMED_TOKENS if key in source}
 
 
 def _token_content(value, key: str = "token") -> str | None:
@@ -336,7 +424,7 @@ def _template_name(name: str) -> str:
 def _stop_ids(eos_id: int | None, file: Path) -> list[int]:
     """EOS plus generation_config.json's eos_token_id (an id or a list: Llama-3 Instruct also
     stops on <|eot_id|>), without repeats."""
-    extra = _read_json(file).get("eos_token_id")
+    extra = read_json_object(file).get("eos_token_id")
     extra = [] if extra is None else [extra] if isinstance(extra, int) else extra
     if not isinstance(extra, list) or not all(type(i) is int for i in extra):
         raise ValueError(f"eos_token_id in {file} must be an id or a list of ids, got {extra!r}")
@@ -348,7 +436,3 @@ def _require(token_id: int | None, what: str) -> int:
         raise ValueError(f"this tokenizer has no {what} token; train one with lmstack or add a "
                          f"tokenizer_config.json naming {what.lower()}_token")
     return token_id
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -17,7 +17,7 @@ import torch
 
 from ..config import ModelConfig, positive_int
 from ..data.tokenizer import CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, Tokenizer
-from ..io import atomic_dir, check_output_dir, copy_tensors_into, open_safetensors, save_safetensors
+from ..io import atomic_dir, check_output_dir, copy_tensors_into, open_safetensors, read_json_object, save_safetensors
 from ..model import Transformer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
@@ -328,3 +328,31 @@ def special_token_ids(tok: Tokenizer | None) -> dict[str, Any]:
         return dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))
     eos = tok.stop_ids if len(tok.stop_ids) > 1 else tok.eos_id
     return {"bos_token_id": tok.bos_id, "eos_token_id": eos, "pad_token_id": tok.pad_id}
+
+
+# transformers' generate() defaults for what generation_config.json leaves unset, when it samples
+_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": None, "min_p": None, "typical_p": None}
+
+
+def generation_settings(folder: str | Path) -> dict[str, Any]:
+    """The decoding settings of a model folder's generation_config.json, as transformers' generate()
+    applies them, in lmstack.generate's keywords: {} without the file; greedy
+    ({"temperature": 0.0}) unless it sets do_sample; when sampling, its temperature, top_k, top_p,
+    min_p and typical_p, with transformers' defaults (temperature 1, top_k 50) for the unset ones;
+    its repetition_penalty either way. Stop ids come from the tokenizer (``Tokenizer.stop_ids``)."""
+    file = Path(folder) / "generation_config.json"
+    gc = read_json_object(file)
+    if not gc:
+        return {}
+    keys = ("repetition_penalty", *(_SAMPLING_DEFAULTS if gc.get("do_sample") else ()))
+    out = {}
+    for key in keys:
+        value = gc.get(key)
+        value = _SAMPLING_DEFAULTS.get(key) if value is None else value
+        if value is not None and not _is(value, (int, float)):
+            raise ValueError(f"{key} in {file} must be a number, got {value!r}; fix or delete it")
+        if value is not None:
+            out[key] = value
+    if not gc.get("do_sample"):
+        out["temperature"] = 0.0
+    return out
