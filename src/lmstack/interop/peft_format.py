@@ -39,9 +39,47 @@ def _lmstack_path(key: str) -> str:
     return key.removeprefix("model.") if key.startswith("model.") else key
 
 
-def _matches(name: str, targets) -> bool:
+def _matches(name: str, targets) -> bool:  # peft.common.named_suffix_match (not imported: a cycle)
     targets = [targets] if isinstance(targets, str) else targets
     return any(name == t or name.endswith("." + t) for t in targets or [])
+
+
+def _peft_targets(targets):
+    """lmstack target names as peft reads them: peft takes a string other than "all-linear" for a
+    regex matched against the whole module path, so one name is written as a list."""
+    return targets if targets == "all-linear" or not isinstance(targets, str) else [targets]
+
+
+def _lmstack_targets(targets, option: str):
+    """peft's target list in lmstack's module names: peft saves "all-linear" expanded into full HF
+    paths (``model.layers.0.self_attn.q_proj``), which lmstack names without the ``model.`` prefix."""
+    if targets is None or targets == "all-linear":
+        return targets
+    if isinstance(targets, str):
+        raise ValueError(f"peft regex {option}={targets!r} is not supported; list the module names")
+    return [_lmstack_path(t) if isinstance(t, str) else t for t in targets]
+
+
+# Options of a peft config that do not change what a loaded adapter computes (bookkeeping, or how its
+# weights were initialised or trained); any other option set to a non-empty value must be one lmstack
+# implements, else loading it is refused rather than computing something else.
+_INERT = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+          "inference_mode", "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+          "megatron_config", "megatron_core", "runtime_config", "layers_pattern", "qalora_group_size",
+          "ensure_weight_tying", "init_ia3_weights", "prompt_tuning_init", "prompt_tuning_init_text",
+          "tokenizer_name_or_path", "tokenizer_kwargs", "init_weights"}
+_HANDLED = {
+    "LORA": {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"},
+    "IA3": {"target_modules", "feedforward_modules"},
+    "PROMPT_TUNING": {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                      "num_layers"},
+}
+_HANDLED["PREFIX_TUNING"] = _HANDLED["PROMPT_TUNING"] | {"encoder_hidden_size", "prefix_projection"}
+
+
+def _off(value) -> bool:
+    """An option left at "off": null, false, empty, or peft's bias="none"."""
+    return value is None or value is False or value == "none" or (isinstance(value, (dict, list)) and not value)
 
 
 def to_peft(method: str, options: dict[str, Any], tensors: dict[str, torch.Tensor], cfg: ModelConfig
@@ -53,12 +91,12 @@ def to_peft(method: str, options: dict[str, Any], tensors: dict[str, torch.Tenso
               "base_model_name_or_path": None, "revision": None, "modules_to_save": None}
     if method == "lora":
         config = {**common, "r": options["r"], "lora_alpha": options["alpha"], "lora_dropout": options["dropout"],
-                  "target_modules": options["target_modules"], "use_rslora": options["use_rslora"],
+                  "target_modules": _peft_targets(options["target_modules"]), "use_rslora": options["use_rslora"],
                   "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False}
         return config, {ROOT + _hf_path(k): v for k, v in tensors.items()}
     if method == "ia3":
-        config = {**common, "target_modules": options["target_modules"],
-                  "feedforward_modules": options["feedforward_modules"], "fan_in_fan_out": False,
+        config = {**common, "target_modules": _peft_targets(options["target_modules"]),
+                  "feedforward_modules": _peft_targets(options["feedforward_modules"]), "fan_in_fan_out": False,
                   "init_ia3_weights": True}
         out = {}
         for k, v in tensors.items():
@@ -81,11 +119,11 @@ def to_peft(method: str, options: dict[str, Any], tensors: dict[str, torch.Tenso
     return config, {"prompt_embeddings": tensors["prefix_encoder.table"]}
 
 
-def _refuse(config: dict[str, Any], supported: dict[str, Any]) -> None:
-    """Raise for an option set to something other than its supported value (or empty)."""
-    for key, ok in supported.items():
-        value = config.get(key)
-        if value not in (None, ok, {}, []):
+def _refuse(config: dict[str, Any], kind: str) -> None:
+    """Raise for an option that would change what the adapter computes and that lmstack does not
+    implement (aLoRA, DoRA, exclude_modules, modules_to_save, rank patterns, fan_in_fan_out, …)."""
+    for key, value in config.items():
+        if key not in _INERT and key not in _HANDLED[kind] and not _off(value):
             raise ValueError(f"peft adapter option {key}={value!r} is not supported by lmstack.peft")
 
 
@@ -95,20 +133,18 @@ def from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], cfg: Mod
     kind = config.get("peft_type")
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise ValueError(f"peft task_type={config.get('task_type')!r} is not supported; only CAUSAL_LM")
+    if kind not in _HANDLED:
+        raise ValueError(f"peft adapter type {kind!r} is not supported; supported: {', '.join(_HANDLED)}")
+    _refuse(config, kind)
     if kind == "LORA":
-        _refuse(config, {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "rank_pattern": None,
-                         "alpha_pattern": None, "layers_to_transform": None, "modules_to_save": None,
-                         "lora_bias": False, "target_parameters": None})
-        targets = config["target_modules"]
-        if isinstance(targets, str) and targets != "all-linear":
-            raise ValueError(f"peft regex target_modules={targets!r} is not supported; list the module names")
         options = {"r": config["r"], "alpha": config["lora_alpha"], "dropout": config.get("lora_dropout", 0.0),
-                   "target_modules": targets, "use_rslora": bool(config.get("use_rslora", False))}
+                   "target_modules": _lmstack_targets(config["target_modules"], "target_modules"),
+                   "use_rslora": bool(config.get("use_rslora", False))}
         return "lora", options, False, {_lmstack_path(k): v for k, v in tensors.items()}
     if kind == "IA3":
-        _refuse(config, {"fan_in_fan_out": False, "modules_to_save": None})
-        options = {"target_modules": config["target_modules"],
-                   "feedforward_modules": config.get("feedforward_modules") or []}
+        options = {"target_modules": _lmstack_targets(config["target_modules"], "target_modules"),
+                   "feedforward_modules": _lmstack_targets(config.get("feedforward_modules"),
+                                                           "feedforward_modules") or []}
         return "ia3", options, False, {_lmstack_path(k): v.flatten() for k, v in tensors.items()}
     if kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
         if config.get("num_transformer_submodules", 1) != 1:
@@ -130,4 +166,3 @@ def from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], cfg: Mod
             return "prefix", {"num_virtual_tokens": P, "encoder_hidden_size": hidden}, True, {
                 "prefix_encoder.table": table}
         return "ptuning_v2", {"num_virtual_tokens": P}, False, {"prefix_encoder.table": table}
-    raise ValueError(f"peft adapter type {kind!r} is not supported; supported: LORA, IA3, PROMPT_TUNING, PREFIX_TUNING")

@@ -100,6 +100,7 @@ def apply(model: nn.Module, method: str, **options) -> nn.Module:
         raise
     for m in model.modules():
         if isinstance(m, AdapterModule):
+            m.train(model.training)  # new modules start in train mode: an eval model keeps its dropout off
             for _, p in m.adapter_named_parameters():
                 p.requires_grad_(True)
     model.peft_config = {"method": method, "options": {k: v for k, v in full.items() if k not in INIT_ONLY}}

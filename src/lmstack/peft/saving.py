@@ -112,6 +112,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         raise ValueError("the model's adapter is merged; unmerge(model) before loading adapter weights")
     if folded:
         fold(model)
+    _check_base_weights(model, tensors, adapter_dir)
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -126,3 +127,18 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 )
             p.copy_(t)
     return model
+
+
+def _check_base_weights(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_dir) -> None:
+    """HF peft also saves the base weight of a targeted lm_head or embedding (``*.base_layer.weight``):
+    take those out of ``tensors``; each must be the model's own weight (in either one's precision),
+    which it is unless the adapter was trained on another model (a resized vocabulary)."""
+    params = dict(model.named_parameters())
+    for name in [k for k in tensors if k.endswith(".base_layer.weight") and k in params]:
+        saved, own = tensors.pop(name), params[name]
+        same = saved.shape == own.shape and (torch.equal(own.detach().to(saved.dtype).cpu(), saved.cpu())
+                                             or torch.equal(saved.to(own.dtype).cpu(), own.detach().cpu()))
+        if not same:
+            raise ValueError(f"{adapter_dir}: the adapter carries {name!r} {tuple(saved.shape)}, which is not this "
+                             f"model's {tuple(own.shape)} weight (peft saves the base layer it trained on, e.g. after "
+                             f"resizing the vocabulary); load the adapter onto that model")
