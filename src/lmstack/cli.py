@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .config import resolve_device
+
 USAGE_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
 DEFAULT_TEMPERATURE = 0.8  # `generate` without settings of its own or in the model folder
 
@@ -174,6 +176,8 @@ def _run(trainer_cls, cfg, args) -> int:
     except TrainingDiverged as e:
         print(f"lmstack: {e}", file=sys.stderr)
         return 1
+    if trainer.stopped_early:  # Ctrl-C: saved and resumable, but not finished (a `&&` chain stops here)
+        return 130
     if result:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return 0
@@ -314,22 +318,6 @@ def cmd_generate(args) -> int:
             shown = text
     sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
     return 0
-
-
-def resolve_device(name: str) -> str:
-    """--device: "auto" (CUDA when there is one, else the CPU) or a torch device name, checked here
-    so a typo or a missing GPU is a one-line error instead of a failure deep inside torch."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a torch device; pass auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device; pass --device cpu (or auto)")
-    return name
 
 
 def cmd_convert(args) -> int:
@@ -478,7 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .data.corpus import CorpusError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in w and not w.startswith("-") for w in extra):
+        args.overrides += extra  # key=value words after a flag (argparse takes only the first run of them)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (CorpusError, *USAGE_ERRORS) as e:

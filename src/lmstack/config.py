@@ -131,6 +131,41 @@ def dataclass_from_dict(cls, d: dict[str, Any], what: str):
     return cls(**d)
 
 
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict[str, Any]": (dict,)}
+
+
+def check_types(obj: Any, what: str = "option") -> None:
+    """Each field of dataclass ``obj`` holds a value of its annotated type ("int", "float | None", …):
+    a recipe's or the command line's ``lr=true`` or ``seed=1.5`` is one clear error, not a failure
+    later (bools are not numbers here; ints are floats)."""
+    for f in dataclasses.fields(obj):
+        parts = [t.strip() for t in str(f.type).split("|")]
+        value = getattr(obj, f.name)
+        if value is None and "None" in parts:
+            continue
+        kinds = tuple(k for t in parts for k in _KINDS.get(t, ()))
+        if kinds and not (isinstance(value, kinds) and (not isinstance(value, bool) or bool in kinds)):
+            names = " or ".join("a number" if t == "float" else "a mapping" if t.startswith("dict") else
+                                "null" if t == "None" else f"a {'string' if t == 'str' else t}" for t in parts)
+            raise ValueError(f"{what} {f.name}={value!r} must be {names}")
+
+
+def resolve_device(name: str, option: str = "--device") -> str:
+    """A device option: "auto" (CUDA when there is one, else the CPU) or a torch device name,
+    checked here so a typo or a missing GPU is a one-line error instead of a failure deep in torch."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{option} {name!r} is not a torch device; pass auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option} {name}: this machine has no CUDA device; pass {option} cpu (or auto)")
+    return name
+
+
 def positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive integer")

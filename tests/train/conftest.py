@@ -6,21 +6,25 @@ from lmstack.data import prepare_text
 from lmstack.train import TrainConfig
 
 
+def synthetic_plays(root, counts: dict[str, int], speakers=("HAM.", "OPH.", "KING.")) -> list:
+    """Text files of random speeches (a speaker line, then 3-9 words), ``counts[name]`` per file."""
+    rng = random.Random(0)
+    words = ["thou", "art", "the", "king", "of", "my", "heart", "and", "I", "shall", "not", "die", "lord", "night"]
+    paths = []
+    for name, n in counts.items():
+        lines = [rng.choice(speakers) + "\n" + " ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + ".\n"
+                 for _ in range(n)]
+        p = root / f"{name}.txt"
+        p.write_text("\n".join(lines))
+        paths.append(p)
+    return paths
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A small prepared dataset: three synthetic 'plays' (two train, one val), vocab 300."""
     root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = ["thou", "art", "the", "king", "of", "my", "heart", "and", "I", "shall", "not", "die", "lord", "night"]
-    paths = []
-    for name in ("alpha", "beta", "gamma"):
-        lines = []
-        for _ in range(600):
-            speaker = rng.choice(["HAM.", "OPH.", "KING."])
-            lines.append(speaker + "\n" + " ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + ".\n")
-        p = root / f"{name}.txt"
-        p.write_text("\n".join(lines))
-        paths.append(p)
+    paths = synthetic_plays(root, {"alpha": 600, "beta": 600, "gamma": 600})
     return prepare_text(paths, name="tiny", home=root / "home", vocab_size=300, val_files=["gamma"], log=lambda s: None)
 
 

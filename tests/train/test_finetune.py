@@ -162,7 +162,7 @@ def test_peft_exact_resume(ft_cfg, tmp_path, method):
     resumed = Finetuner(ft_cfg(out_dir=str(tmp_path / "b"), **kw), resume=True, progress=False)
     resumed.train()
     assert losses(straight) == losses(resumed)
-    with pytest.raises(ValueError, match="not a method=full checkpoint"):
+    with pytest.raises(ValueError, match=f"trained with method='{method}' \\(now 'full'\\)"):
         Finetuner(ft_cfg(out_dir=str(tmp_path / "b")), resume=True, progress=False)
 
 

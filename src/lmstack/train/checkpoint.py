@@ -88,7 +88,8 @@ def _prune(run_dir: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
     current = (run_dir / "checkpoint").resolve()
-    dirs = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
+    dirs = sorted((p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+                  key=lambda p: int(p.name[5:]))  # by number: step_1000000 sorts after step_999999
     for p in dirs[:-keep_last]:
         if p.resolve() != current:
             shutil.rmtree(p, ignore_errors=True)

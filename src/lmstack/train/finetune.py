@@ -36,8 +36,8 @@ from ..data.instruct import (TEMPLATES, TokenizedExample, encode_examples, first
 from ..data.tokenizer import Tokenizer
 from ..io import copy_tensors_into, open_safetensors, save_safetensors
 from ..kernels import Seqs
-from .checkpoint import (is_adapter_checkpoint, load_model, read_config, resolve_checkpoint, save_checkpoint,
-                         save_model_dir, write_finetune_info)
+from .checkpoint import (is_adapter_checkpoint, load_model, read_config, read_finetune_info, resolve_checkpoint,
+                         save_checkpoint, save_model_dir, write_finetune_info)
 from .objectives import IGNORE_INDEX, causal_lm_loss
 from .trainer import Trainer, TrainConfig
 
@@ -153,6 +153,9 @@ class Finetuner(Trainer):
     """The training loop on instruction data, from a base checkpoint; see the module docstring."""
 
     cfg: FinetuneConfig
+    RUN_FIELDS = ("data", "seq_len", "batch_size", "grad_accum", "seed", "method", "method_options", "template",
+                  "packing")
+    MODEL_LABEL = "base model"
 
     def __init__(self, cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True):
         super().__init__(cfg, resume=resume, progress=progress)
@@ -206,6 +209,10 @@ class Finetuner(Trainer):
             raise ValueError(f"seq_len={cfg.seq_len} + {virtual} virtual tokens of method={cfg.method} exceed the base "
                              f"model's max_seq_len={model.config.max_seq_len}; set seq_len={model.config.max_seq_len - virtual}")
         return model
+
+    def _saved_model_config(self, ckpt: Path) -> dict[str, Any]:
+        """The base model's config (an adapter checkpoint records it in finetune.json)."""
+        return read_finetune_info(ckpt)["base_config"] if is_adapter_checkpoint(ckpt) else read_config(ckpt).to_dict()
 
     def _restore_weights(self, ckpt: Path) -> None:
         method = self.cfg.method

@@ -29,14 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig, dataclass_from_dict
+from ..config import ModelConfig, check_types, dataclass_from_dict, resolve_device
 from ..data.corpus import TokenDataset, load_dataset
 from ..data.instruct import IGNORE_INDEX
 from ..data.packing import doc_seqs, get_windows, sample_batch
-from ..io import atomic_write_json
+from ..io import atomic_write_json, atomic_write_text
 from ..kernels import Seqs
 from ..model import Transformer
-from .checkpoint import load_training_state, load_weights, resolve_checkpoint, save_checkpoint
+from .checkpoint import load_training_state, load_weights, read_config, resolve_checkpoint, save_checkpoint
 from .objectives import causal_lm_loss, upcast
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -74,6 +74,10 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        check_types(self, "training option")
+        for name in ("model", "data", "out_dir", "device"):
+            if not getattr(self, name):
+                raise ValueError(f"training option {name} is empty; give it a value")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not supported; valid: {', '.join(PRECISIONS)}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every"):
@@ -84,6 +88,13 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be > 0")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr={self.min_lr} must be in [0, lr={self.lr}] (null = lr / 10)")
+        for name in ("weight_decay", "grad_clip", "eval_tokens", "keep_last"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = off)")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit={self.time_limit} must be > 0 seconds (null = none)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -107,6 +118,12 @@ class TrainingDiverged(RuntimeError):
 
 
 class Trainer:
+    # What makes a run this run: a resume must keep them (checked against the checkpoint's
+    # train_config and model config); optimizer settings may change, and are reported
+    RUN_FIELDS = ("model", "model_overrides", "data", "seq_len", "batch_size", "grad_accum", "seed", "doc_mask")
+    TUNABLE_FIELDS = ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "precision")
+    MODEL_LABEL = "model"
+
     def __init__(
         self,
         cfg: TrainConfig,
@@ -118,9 +135,12 @@ class Trainer:
         self.cfg = cfg
         self.progress = progress
         self.out = Path(cfg.out_dir)
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-        )
+        if any(p.exists() and not p.is_dir() for p in (self.out, *self.out.parents)):
+            raise ValueError(f"out_dir {self.out} is (inside) a file, not a folder; pass a folder for the run")
+        if not resume and ((self.out / "checkpoint").exists() or (self.out / "metrics.jsonl").exists()):
+            raise ValueError(f"out_dir {self.out} holds a run already; continue it with --resume, or pass another "
+                             f"out_dir")
+        self.device = torch.device(resolve_device(cfg.device, "device"))
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self._setup_data(dataset)
         resume_from = None
@@ -145,6 +165,10 @@ class Trainer:
     # -- setup (the hooks a fine-tuning subclass replaces) -----------------------------------------
     def _setup_data(self, dataset: TokenDataset | None) -> None:
         self.data = dataset if dataset is not None else load_dataset(self.cfg.data)
+        for split, tokens in (("train", self.data.train), ("validation", self.data.val)):
+            if len(tokens) < self.cfg.seq_len + 1:
+                raise ValueError(f"the {split} split of {self.data.dir} holds {len(tokens)} tokens, fewer than one "
+                                 f"window of seq_len + 1 = {self.cfg.seq_len + 1}; lower seq_len")
         self.token_bytes = torch.from_numpy(self.data.tokenizer().token_bytes().astype(np.int64)).to(self.device)
         self.eos_id = self.data.eos_id
 
@@ -186,9 +210,29 @@ class Trainer:
     def _restore_weights(self, ckpt: Path) -> None:
         load_weights(self.model, ckpt / "model.safetensors")
 
+    def _saved_model_config(self, ckpt: Path) -> dict[str, Any]:
+        """The model config the checkpoint was trained with."""
+        return read_config(ckpt).to_dict()
+
+    def _check_same_run(self, ckpt: Path, state: dict[str, Any]) -> None:
+        """Refuse to resume with settings that make it another run (model, data, batching, seed):
+        it would continue under the same name as something the checkpoint never was."""
+        saved = state.get("train_config") or {}
+        now = self.cfg.to_dict()
+        changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in self.RUN_FIELDS if k in saved and saved[k] != now[k]]
+        was, model = self._saved_model_config(ckpt), self.model_cfg.to_dict()
+        changed += [f"{self.MODEL_LABEL} {k}={was[k]!r} (now {model.get(k)!r})" for k in was if was[k] != model.get(k)]
+        if changed:
+            raise ValueError(f"--resume: {ckpt} was trained with {', '.join(changed)}; resume with the run's own "
+                             f"settings, or start a new run in another out_dir")
+        for k in self.TUNABLE_FIELDS:
+            if k in saved and saved[k] != now[k]:
+                self._log(f"resuming with {k} changed from {saved[k]!r} to {now[k]!r}")
+
     def _restore(self, ckpt: Path) -> None:
-        self._restore_weights(ckpt)
         state, opt = load_training_state(ckpt)
+        self._check_same_run(ckpt, state)
+        self._restore_weights(ckpt)
         self.step, self.tokens_seen = state["step"], state.get("tokens_seen", 0)
         self.elapsed = state.get("elapsed", 0.0)
         if "optimizer" in opt:
@@ -227,6 +271,9 @@ class Trainer:
 
         cfg = self.cfg
         until = cfg.max_steps if until is None else min(until, cfg.max_steps)
+        if self.step >= until and (self.out / "checkpoint").exists():  # resumed a finished run: nothing to do
+            self._log(f"{self.out} is at step {self.step} already (max_steps={cfg.max_steps}); nothing to train")
+            return next((r for r in reversed(self.read_metrics()) if "val_loss" in r), {})
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out / "train_config.json", cfg.to_dict())
         self._log(self._describe())
@@ -284,6 +331,11 @@ class Trainer:
         finally:
             bar.close()
             signal.signal(signal.SIGINT, old_handler)
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether the last ``train()`` stopped at a Ctrl-C (after saving a checkpoint to resume from)."""
+        return self._stop_requested
 
     def _describe(self) -> str:
         cfg = self.cfg
@@ -402,15 +454,25 @@ class Trainer:
             f.write(json.dumps(rec) + "\n")
 
     def _trim_metrics(self, step: int) -> None:
-        """On resume, forget records written after the checkpoint (they will be replayed)."""
+        """On resume, forget records written after the checkpoint (they will be replayed), and any
+        line a crash cut short."""
         path = self.out / "metrics.jsonl"
         if path.exists():
-            keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-            path.write_text("".join(line + "\n" for line in keep))
+            keep = [json.dumps(r) for r in self.read_metrics() if r.get("step", 0) <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's records, oldest first (a line a crash cut short is skipped)."""
         path = self.out / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if not path.exists():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
 
     def plot(self) -> Path | None:
         """loss.png: training loss and validation bits per byte against step."""
