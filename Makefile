@@ -19,7 +19,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/lmstack prepare shakespeare
-	$(BIN)/lmstack train --recipe recipes/shakespeare-tiny.yaml out_dir=$(RUN)
+	@if [ -e $(RUN)/checkpoint ]; then echo "$(RUN) holds a trained run: sampling from it (make clean to train anew)"; \
+	else $(BIN)/lmstack train --recipe recipes/shakespeare-tiny.yaml out_dir=$(RUN); fi
 	$(BIN)/lmstack generate --checkpoint $(RUN)/checkpoint --prompt "$(PROMPT)" --max-new-tokens 240 --temperature 0.8 --top-k 50 --seed 0
 
 test: $(STAMP)
