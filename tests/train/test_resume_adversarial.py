@@ -443,3 +443,20 @@ def test_ctrl_c_of_lmstack_train_exits_non_zero(small_dataset, tmp_path, capsys,
     capsys.readouterr()
     assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] == 1  # saved, resumable
     assert rc != 0
+
+
+def test_a_run_that_died_before_its_first_checkpoint_starts_again_clean(train_cfg):
+    """No checkpoint to resume (--resume refuses), so a plain start must be allowed, and the dead
+    run's metrics records must not mix into the new run's."""
+    cfg = train_cfg(**dict(max_steps=4, save_every=100))
+    t = Trainer(cfg, progress=False)
+    die_at(t, 2)
+    with pytest.raises(Crash):
+        t.train()
+    assert not (Path(cfg.out_dir) / "checkpoint").exists() and sorted(losses(t)) == [1, 2]
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(cfg, resume=True, progress=False)
+    again = Trainer(train_cfg(**dict(max_steps=3, save_every=100, seed=5)), progress=False)
+    again.train()
+    assert sorted(losses(again)) == [1, 2, 3]
+    assert [r["step"] for r in again.read_metrics() if "loss" in r] == [1, 2, 3]

@@ -137,7 +137,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         if any(p.exists() and not p.is_dir() for p in (self.out, *self.out.parents)):
             raise ValueError(f"out_dir {self.out} is (inside) a file, not a folder; pass a folder for the run")
-        if not resume and ((self.out / "checkpoint").exists() or (self.out / "metrics.jsonl").exists()):
+        if not resume and (self.out / "checkpoint").exists():
             raise ValueError(f"out_dir {self.out} holds a run already; continue it with --resume, or pass another "
                              f"out_dir")
         self.device = torch.device(resolve_device(cfg.device, "device"))
@@ -275,6 +275,8 @@ class Trainer:
             self._log(f"{self.out} is at step {self.step} already (max_steps={cfg.max_steps}); nothing to train")
             return next((r for r in reversed(self.read_metrics()) if "val_loss" in r), {})
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.step == 0:  # a run that died before its first checkpoint left records nothing will resume
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
         atomic_write_json(self.out / "train_config.json", cfg.to_dict())
         self._log(self._describe())
         old_handler = self._install_sigint()
