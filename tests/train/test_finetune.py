@@ -272,3 +272,10 @@ def test_finetuned_model_answers_held_out_questions(ft_cfg, base_ckpt, task_dir,
     model, tok = load_checkpoint(tmp_path / "ft")
     r = evaluate_task(model, tok, test, template="plain", batch_size=5)
     assert r["accuracy"] >= 0.75, r["predictions"]  # one answer for all scores <= 0.5
+
+
+def test_a_misspelt_eval_split_is_an_error(ft_cfg):
+    """eval_split named by the user but absent from the task folder: one clear error, not a run
+    that silently never evaluates; the default split missing only means no evaluation."""
+    with pytest.raises(ValueError, match="eval_split='valid'.*no such split"):
+        Finetuner(ft_cfg(eval_split="valid", max_steps=1), progress=False)

@@ -51,14 +51,15 @@ class Example:
     instruction: str = ""
     input: str = ""
     output: str = ""
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
     kind: str | None = None
     source: str = ""
+    tools: tuple[dict[str, Any], ...] | None = None  # a chat's tool schemas, for its chat template
 
     @property
     def answer(self) -> str:
         """The reference response: ``output``, or the last (assistant) message of a chat."""
-        return self.messages[-1]["content"] if self.messages is not None else self.output
+        return (self.messages[-1].get("content") or "") if self.messages is not None else self.output
 
 
 def load_examples(path: str | Path) -> list[Example]:
@@ -82,7 +83,8 @@ def load_examples(path: str | Path) -> list[Example]:
             raise InstructError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
         items = [(f"{path}: record {i}", rec) for i, rec in enumerate(data)]
     else:
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # JSON Lines: "\n" only (strings may hold U+2028)
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
@@ -102,7 +104,11 @@ def parse_record(rec: Any, where: str = "record") -> Example:
     if kind is not None and not isinstance(kind, str):
         raise InstructError(f"{where}: 'kind' must be a string")
     if "messages" in rec:
-        return Example(messages=_parse_messages(rec["messages"], where), kind=kind, source=where)
+        tools = rec.get("tools")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise InstructError(f"{where}: 'tools' must be a list of JSON-schema objects")
+        return Example(messages=_parse_messages(rec["messages"], where), kind=kind, source=where,
+                       tools=None if tools is None else tuple(tools))
     for key in ("instruction", "output"):
         if key not in rec:
             raise InstructError(f"{where}: missing field {key!r} (Alpaca records need 'instruction' and 'output', "
@@ -116,19 +122,25 @@ def parse_record(rec: Any, where: str = "record") -> Example:
     return Example(instruction=rec["instruction"], input=inp, output=rec["output"], kind=kind, source=where)
 
 
-def _parse_messages(messages: Any, where: str) -> tuple[dict[str, str], ...]:
+def _parse_messages(messages: Any, where: str) -> tuple[dict[str, Any], ...]:
+    """The messages, whole (``tool_calls`` and other keys a chat template reads are kept); each
+    needs a string role and string content (content may be missing or null beside tool_calls)."""
     if not isinstance(messages, list) or not messages:
         raise InstructError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise InstructError(f"{where}: message {i} must be an object with 'role' and 'content'")
+        m = dict(m)
+        calls = bool(m.get("tool_calls"))
+        if calls:
+            m.setdefault("content", None)
         for key in ("role", "content"):
             if key not in m:
                 raise InstructError(f"{where}: message {i} is missing field {key!r}")
-            if not isinstance(m[key], str):
+            if not isinstance(m[key], str) and not (key == "content" and calls and m[key] is None):
                 raise InstructError(f"{where}: message {i} field {key!r} must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append(m)
     if out[-1]["role"] != "assistant":
         raise InstructError(f"{where}: the last message must be the assistant's reply (role 'assistant'), "
                             f"got role {out[-1]['role']!r}")
@@ -187,6 +199,9 @@ def render_segments(ex: Example, tok: Tokenizer, template: str = "alpaca") -> li
                 (_eos(tok), True)]
     if tok.chat_template is not None:
         return _template_segments(ex, tok)
+    if ex.tools or any(set(m) - {"role", "content"} for m in ex.messages):
+        raise InstructError(f"{ex.source or 'record'}: tools and tool calls need the tokenizer's chat template to "
+                            f"be written out; this tokenizer has none")
     segs: list[Segment] = []
     for m in ex.messages:
         header = f"### {m['role'].capitalize()}:\n"
@@ -203,11 +218,15 @@ def _template_segments(ex: Example, tok: Tokenizer) -> list[Segment]:
     msgs = list(ex.messages)
     segs: list[Segment] = []
     done = ""  # text rendered so far
+    tools = {} if ex.tools is None else {"tools": list(ex.tools)}
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prompt = tok.apply_chat_template(msgs[:i], add_generation_prompt=True, tokenize=False)
-        full = tok.apply_chat_template(msgs[: i + 1], tokenize=False)
+        if i == 0:
+            raise InstructError(f"{ex.source or 'record'}: the chat starts with an assistant message, which a chat "
+                                f"template cannot cut out as a reply to nothing; start it with a user (or system) turn")
+        prompt = tok.apply_chat_template(msgs[:i], add_generation_prompt=True, tokenize=False, **tools)
+        full = tok.apply_chat_template(msgs[: i + 1], tokenize=False, **tools)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise InstructError(f"{ex.source or 'record'}: the tokenizer's chat template does not render the "
                                 f"conversation so far as a prefix of the longer one, so replies cannot be cut out "
@@ -224,11 +243,14 @@ def _eos(tok: Tokenizer) -> int:
 
 
 def _encode_segment(tok: Tokenizer, seg: str | int, first: bool, chat: bool) -> list[int]:
+    """One segment's ids, as they come out of tokenizing the whole text: later segments get no
+    word-start prefix of their own (SentencePiece's "▁"), and only the first gets what the
+    tokenizer's post-processor puts before a text (BOS; an EOS it puts after one would end the prompt)."""
     if isinstance(seg, int):
         return [seg]
     if chat:  # a chat template spells its special tokens in the text
-        return tok.encode(seg, parse_special=True)
-    return tok.encode(seg, add_special_tokens=first)  # the tokenizer's own BOS, if it adds one
+        return tok.encode(seg, parse_special=True, continuation=not first)
+    return (tok.leading_special_ids if first else []) + tok.encode(seg, continuation=not first)
 
 
 # ---- tokenization -------------------------------------------------------------------------------

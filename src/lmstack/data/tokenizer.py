@@ -158,21 +158,33 @@ class Tokenizer:
 
     # ---- encode / decode ----------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False,
-               add_special_tokens: bool = False, parse_special: bool = False) -> list[int]:
+               add_special_tokens: bool = False, parse_special: bool = False,
+               continuation: bool = False) -> list[int]:
         """Token ids of `text`. `add_bos`/`add_eos` put our BOS/EOS around it by id;
         `add_special_tokens` instead runs the tokenizer's own post-processor, as transformers'
         `tok(text).input_ids` does (BOS for Llama, nothing for a tokenizer we trained).
         `parse_special`: text that spells a special token ("<|im_start|>") becomes that token, as
-        in transformers; leave it off for user text, which should stay text."""
-        hf = self._backend(add_bos or add_eos, add_special_tokens, parse_special)
+        in transformers; leave it off for user text, which should stay text. `continuation`: the
+        text continues one already encoded, so the word-start prefix a tokenizer puts at the start
+        of a text (SentencePiece's "▁", ByteLevel's add_prefix_space) is not added, as it is not in
+        the middle of one whole text."""
+        hf = self._backend(add_bos or add_eos, add_special_tokens, parse_special, continuation)
         ids = hf.encode(text, add_special_tokens=add_special_tokens).ids
         return self._wrap(ids, add_bos, add_eos)
 
+    @cached_property
+    def leading_special_ids(self) -> list[int]:
+        """The ids the post-processor puts before a text (Llama's BOS; [] for most), without the ones
+        it puts after it (an EOS that some add)."""
+        enc = self.hf.encode("a", add_special_tokens=True)
+        lead = next((i for i, m in enumerate(enc.special_tokens_mask) if not m), len(enc.ids))
+        return list(enc.ids[:lead])
+
     def encode_batch(self, texts: Iterable[str], *, add_bos: bool = False,
                      add_eos: bool = False, add_special_tokens: bool = False,
-                     parse_special: bool = False) -> list[list[int]]:
+                     parse_special: bool = False, continuation: bool = False) -> list[list[int]]:
         """`encode` of each text, in parallel."""
-        hf = self._backend(add_bos or add_eos, add_special_tokens, parse_special)
+        hf = self._backend(add_bos or add_eos, add_special_tokens, parse_special, continuation)
         # encode_batch_fast (tokenizers >= 0.21) skips offset tracking we never use
         batch = getattr(hf, "encode_batch_fast", hf.encode_batch)
         encs = batch(list(texts), add_special_tokens=add_special_tokens)
@@ -183,19 +195,29 @@ class Tokenizer:
             ids = ids.tolist()
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def _backend(self, wrap: bool, add_special_tokens: bool, parse_special: bool) -> HFTokenizer:
+    def _backend(self, wrap: bool, add_special_tokens: bool, parse_special: bool,
+                 continuation: bool = False) -> HFTokenizer:
         if wrap and add_special_tokens:
             raise ValueError("pass add_bos/add_eos or add_special_tokens=True, not both: each "
                              "adds special tokens, so together they could add BOS twice")
-        return self._parsing_hf if parse_special else self.hf
+        if not (parse_special or continuation):
+            return self.hf
+        return self._variants.setdefault((parse_special, continuation), self._variant(parse_special, continuation))
 
     @cached_property
-    def _parsing_hf(self) -> HFTokenizer:
-        """A copy of `hf` that reads special tokens spelled in the text. A copy rather than
-        toggling `hf.encode_special_tokens`, so encoding user text stays safe across threads.
-        Made on first use: changes to `hf` (added tokens) belong before the first encode."""
-        hf = HFTokenizer.from_str(self.hf.to_str())
-        hf.encode_special_tokens = False
+    def _variants(self) -> dict[tuple[bool, bool], HFTokenizer]:
+        return {}
+
+    def _variant(self, parse_special: bool, continuation: bool) -> HFTokenizer:
+        """A copy of `hf` that reads special tokens spelled in the text, and/or adds no word-start
+        prefix (continuation). Copies rather than toggling `hf`, so encoding stays safe across
+        threads; made on first use: changes to `hf` (added tokens) belong before the first encode."""
+        spec = json.loads(self.hf.to_str())
+        if continuation:
+            spec["pre_tokenizer"] = _without_prefix(spec.get("pre_tokenizer"))
+            spec["normalizer"] = _without_prefix(spec.get("normalizer"))
+        hf = HFTokenizer.from_str(json.dumps(spec))
+        hf.encode_special_tokens = not parse_special
         return hf
 
     def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
@@ -273,6 +295,25 @@ class Tokenizer:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
                 f"eos_id={self.eos_id}, pad_id={self.pad_id}, "
                 f"chat_template={self.chat_template is not None})")
+
+
+def _without_prefix(step: dict | None) -> dict | None:
+    """A pre-tokenizer's or normalizer's JSON without the prefix it puts at the start of a text:
+    Metaspace's prepend_scheme "never", ByteLevel's add_prefix_space off, no Prepend normalizer."""
+    if step is None:
+        return None
+    kind = step.get("type")
+    if kind == "Sequence":
+        key = "pretokenizers" if "pretokenizers" in step else "normalizers"
+        parts = [p for p in (_without_prefix(p) for p in step[key]) if p is not None]
+        return {**step, key: parts}
+    if kind == "Prepend":
+        return None
+    if kind == "Metaspace":  # (older tokenizers wrote add_prefix_space instead of prepend_scheme)
+        return {**step, "prepend_scheme": "never", **({"add_prefix_space": False} if "add_prefix_space" in step else {})}
+    if kind == "ByteLevel":
+        return {**step, "add_prefix_space": False}
+    return step
 
 
 def _id_or_none(hf: HFTokenizer, token: str | None) -> int | None:

@@ -181,6 +181,11 @@ class Finetuner(Trainer):
         if cfg.eval_split and has_split(cfg.data, cfg.eval_split):
             self.val_items = encode_examples(load_split(cfg.data, cfg.eval_split), self.tokenizer, cfg.seq_len,
                                              cfg.template, soft)
+        elif cfg.eval_split and cfg.eval_split != FinetuneConfig.eval_split:  # asked for by name: a typo?
+            raise ValueError(f"eval_split={cfg.eval_split!r}: {cfg.data} has no such split; name one it holds "
+                             f"(a {cfg.eval_split}.jsonl beside train.jsonl), or set eval_split=null")
+        elif cfg.eval_split:
+            self._log(f"{cfg.data} has no {cfg.eval_split!r} split: training without a held-out evaluation")
         if cfg.epochs is not None:
             steps = max(1, math.ceil(cfg.epochs * len(self.batches) / cfg.grad_accum))
             self.cfg = dataclasses.replace(cfg, max_steps=steps)
