@@ -24,3 +24,13 @@ def seed():
     torch.manual_seed(s)
     print(f"torch seed {s}")
     return s
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread is fastest, steady on a busy machine, and as exact. A module
+    opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

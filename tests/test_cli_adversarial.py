@@ -16,7 +16,6 @@ import random
 import re
 import shutil
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,13 +31,7 @@ CORPUS = [" ".join(WORDS) + "\n\nAnswer: Who speaks? HAM OPH KING"] * 40
 
 
 # -- helpers ----------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is fastest, and never spins against other jobs on the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(argv, capsys):

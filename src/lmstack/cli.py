@@ -195,13 +195,22 @@ def cmd_finetune(args) -> int:
 
 
 def _run_dir(ckpt: Path) -> Path | None:
-    """The run directory a checkpoint folder belongs to (``run/checkpoints/step_N``), else None."""
+    """The run directory a checkpoint folder belongs to (``run/checkpoints/step_N``, also through
+    the run's ``checkpoint`` link), else None."""
+    ckpt = ckpt.resolve()
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
 
 
-def cmd_eval(args) -> int:
-    import torch
+def _writable_file(out: Path, option: str) -> Path:
+    """An output file path, checked before the work that fills it: not a folder, not under a file."""
+    if out.is_dir():
+        raise ValueError(f"{option} {out} is a folder; pass a file path (e.g. {out / 'eval.json'})")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise ValueError(f"{option} {out} is inside a file; pass a path in a folder")
+    return out
 
+
+def cmd_eval(args) -> int:
     from .data.instruct import load_split
     from .data.tokenizer import Tokenizer
     from .io import atomic_write_json
@@ -223,6 +232,11 @@ def cmd_eval(args) -> int:
     template = args.template or run_cfg.get("template") or "alpaca"
     if not (tuned / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{tuned} has no tokenizer.json; evaluation needs one")
+    for option, value, least in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 0)):
+        if value < least:
+            raise ValueError(f"{option} {value} must be >= {least}" + (" (0 = all examples)" if least == 0 else ""))
+    out = _writable_file(Path(args.out) if args.out else (_run_dir(tuned) or Path(".")) / f"eval_{args.split}.json",
+                         "--out")
     examples = load_split(data, args.split)
     if args.limit:
         examples = examples[: args.limit]
@@ -233,7 +247,6 @@ def cmd_eval(args) -> int:
     result = evaluate_task(model, tok, examples, template=template, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, progress=not args.quiet)
     print(format_table(result))
-    out = Path(args.out) if args.out else (_run_dir(tuned) or Path(".")) / f"eval_{args.split}.json"
     atomic_write_json(out, {"checkpoint": str(ckpt), "adapter": args.adapter,
                             "data": str(data), "split": args.split, "template": template, **result})
     print(f"wrote {out}")
@@ -241,8 +254,6 @@ def cmd_eval(args) -> int:
 
 
 def _load_for_generation(args):
-    import torch
-
     from .data.tokenizer import Tokenizer
     from .interop import from_hf
     from .train.checkpoint import load_checkpoint, resolve_checkpoint
@@ -298,25 +309,29 @@ def cmd_generate(args) -> int:
         raise ValueError("the prompt is empty; pass some text with --prompt")
     ids = ids + soft_prompt_ids(model)  # a soft prompt trained before the answer goes last (else nothing)
     kw = dict(_decoding_settings(args, folder), eos_token_id=tok.stop_ids or None, seed=args.seed)
+    # printed: the prompt and its continuation, or with a chat template the reply alone; decoded as
+    # one text (a SentencePiece word keeps its space), never soft-prompt placeholders or the stop token
+    head = [] if chat else [t for t in ids if t >= 0]
     if args.no_stream:
         out = generate(model, torch.tensor([ids], device=next(model.parameters()).device),
                        max_new_tokens=args.max_new_tokens, **kw)
-        # the prompt and its continuation; with a chat template, the reply alone (never soft-prompt placeholders)
-        print(tok.decode([t for t in out.sequences[0, len(ids) if chat else 0:].tolist() if t >= 0]))
+        new = out.sequences[0, len(ids):].tolist()
+        stops = [i for i, t in enumerate(new) if t in set(tok.stop_ids)]
+        print(tok.decode(head + new[: stops[0] if stops else len(new)]))
         return 0
     stream = generate_stream(model, ids, max_new_tokens=args.max_new_tokens, **kw)  # checks arguments first
-    if not chat:
-        sys.stdout.write(prompt)
-    new: list[int] = []
-    shown = ""
-    for t in stream:
+    shown = tok.decode(head)
+    sys.stdout.write(shown)
+    new = []
+    for t in stream:  # (it ends before a stop token)
         new.append(t)
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        text = tok.decode(head + new)
+        if not text.endswith("\ufffd") and text.startswith(shown):  # wait for the rest of a multi-byte character
             sys.stdout.write(text[len(shown):])
             sys.stdout.flush()
             shown = text
-    sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
+    text = tok.decode(head + new)
+    sys.stdout.write((text[len(shown):] if text.startswith(shown) else "") + "\n")
     return 0
 
 
@@ -344,6 +359,8 @@ def cmd_convert(args) -> int:
 
 def cmd_info(args) -> int:
     from .config import ModelConfig
+    from .io import open_safetensors
+    from .peft.saving import PEFT_WEIGHTS, WEIGHTS
     from .train.checkpoint import (is_adapter_checkpoint, read_config, read_finetune_info, resolve_checkpoint,
                                    training_history)
 
@@ -353,8 +370,14 @@ def cmd_info(args) -> int:
         ft = read_finetune_info(ckpt)
         cfg = ModelConfig.from_dict(ft["base_config"])
         info["finetune"] = {"method": ft["method"], "method_options": ft.get("method_options", {}), "base": ft["base"]}
+        weights = [(ckpt / "adapter" / f) for f in (WEIGHTS, PEFT_WEIGHTS) if (ckpt / "adapter" / f).is_file()]
+        if not weights:
+            raise FileNotFoundError(f"{ckpt / 'adapter'} holds no adapter weights; the checkpoint is incomplete")
     else:
         cfg = read_config(ckpt)
+        weights = [ckpt / "model.safetensors"]
+    for file in weights:  # the header only: a missing or truncated file is reported, as loading would
+        open_safetensors(file)
     info.update({"params": cfg.n_params, "config": cfg.to_dict()})
     history = training_history(ckpt)
     evals = history.pop("evals")

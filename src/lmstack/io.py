@@ -214,3 +214,20 @@ def read_json_object(file: str | Path) -> dict:
         raise ValueError(f"could not read {file}: expected a JSON object, got "
                          f"{type(obj).__name__}; fix or delete it")
     return obj
+
+
+def read_jsonl_records(file: str | Path) -> list[dict]:
+    """A JSON Lines log's records, oldest first ([] without the file); a line a crash cut short,
+    or one that is not an object, is skipped."""
+    file = Path(file)
+    if not file.is_file():
+        return []
+    records = []
+    for line in file.read_text(encoding="utf-8", errors="replace").split("\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

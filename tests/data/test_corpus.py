@@ -1,7 +1,6 @@
 """Corpora -> token files: splits, EOS-joined streams, meta consistency, clear errors."""
 
 import io
-import json
 import os
 import sys
 import tarfile

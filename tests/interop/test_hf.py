@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-import lmstack
 from lmstack.interop import from_hf, to_hf
 
 from ..hf_models import load_hf, tiny_hf

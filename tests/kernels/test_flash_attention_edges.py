@@ -7,7 +7,6 @@ logsumexp -inf and pass no gradient. Shapes are small: off a GPU the kernels run
 interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported).
 """
 
-import math
 
 import pytest
 import torch

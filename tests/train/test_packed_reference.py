@@ -25,13 +25,7 @@ from lmstack.train.finetune import Finetuner
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Hundreds of tiny per-document forwards: one thread is fastest (and steady on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _segments_eos(row: list[int], eos: int) -> list[tuple[int, int]]:

@@ -62,13 +62,7 @@ def _no_plots(monkeypatch):
     monkeypatch.setattr(Trainer, "plot", lambda self: None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two on a shared 2-core machine (and as exact)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Crash(Exception):

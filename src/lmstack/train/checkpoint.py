@@ -16,7 +16,6 @@ base checkpoint it was trained on, with that base's config to check against) in 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -25,7 +24,8 @@ from typing import Any, Callable
 import torch
 
 from ..config import ModelConfig
-from ..io import atomic_dir, atomic_write_json, copy_tensors_into, fsync_dir, open_safetensors, save_safetensors
+from ..io import (atomic_dir, atomic_write_json, copy_tensors_into, fsync_dir, open_safetensors, read_json_object,
+                  read_jsonl_records, save_safetensors)
 from ..model import Transformer
 
 CONFIG_FORMAT = "lmstack"
@@ -130,11 +130,10 @@ def write_finetune_info(folder: Path, *, method: str, options: dict[str, Any], b
 
 def read_finetune_info(ckpt: Path) -> dict[str, Any]:
     file = Path(ckpt) / FINETUNE_FILE
-    try:
-        info = json.loads(file.read_text())
-        assert info.pop("format") == FINETUNE_FORMAT and {"method", "base", "base_config"} <= set(info)
-    except (OSError, ValueError, KeyError, AssertionError):
-        raise ValueError(f"{file} is not a readable lmstack fine-tune description; the checkpoint is damaged") from None
+    info = read_json_object(file)
+    if info.pop("format", None) != FINETUNE_FORMAT or not {"method", "base", "base_config"} <= set(info) \
+            or not isinstance(info["base_config"], dict):
+        raise ValueError(f"{file} is not a readable lmstack fine-tune description; the checkpoint is damaged")
     return info
 
 
@@ -170,15 +169,16 @@ def _load_adapter_checkpoint(ckpt: Path, base: str | Path | None, device, dtype)
 
 
 def read_config(ckpt: Path) -> ModelConfig:
-    try:
-        d = json.loads((ckpt / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{ckpt / 'config.json'} is unreadable ({e}); the checkpoint is damaged") from None
+    file = Path(ckpt) / "config.json"
+    if not file.is_file():
+        raise ValueError(f"{file} is missing; the checkpoint is damaged")
+    d = read_json_object(file)
     if d.pop("format", None) != CONFIG_FORMAT:
-        raise ValueError(
-            f"{ckpt / 'config.json'} is not an lmstack config; for Hugging Face checkpoints use lmstack.from_hf"
-        )
-    return ModelConfig.from_dict(d)
+        raise ValueError(f"{file} is not an lmstack config; for Hugging Face checkpoints use lmstack.from_hf")
+    try:
+        return ModelConfig.from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
 
 
 def load_weights(model: Transformer, file: Path) -> None:
@@ -224,20 +224,22 @@ def training_history(ckpt: Path) -> dict[str, Any]:
     trainer_state.json (absent without one) and ``evals``, the validation records of the run's
     metrics.jsonl (``run/checkpoints/step_N`` -> ``run``), oldest first (empty without one)."""
     out: dict[str, Any] = {}
-    state_file = ckpt / "trainer_state.json"
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
+    state = read_json_object(ckpt / "trainer_state.json")
+    if state:
         out.update(step=state.get("step"), tokens_seen=state.get("tokens_seen"))
-    metrics = ckpt.parent.parent / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    out["evals"] = [r for r in map(json.loads, lines) if "val_loss" in r]
+    step = state.get("step")
+    records = read_jsonl_records(Path(ckpt).resolve().parent.parent / "metrics.jsonl")
+    # this checkpoint's evaluations: none from steps its weights never reached
+    out["evals"] = [r for r in records if "val_loss" in r and (not isinstance(step, int) or r.get("step", 0) <= step)]
     return out
 
 
 def load_training_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainer_state.json contents, optimizer.pt contents) — the latter loaded weights_only."""
     ckpt = resolve_checkpoint(path, adapters=True)
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if not (ckpt / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{ckpt} has no trainer_state.json: it holds a model, not a run to resume")
+    state = read_json_object(ckpt / "trainer_state.json")
     opt_file = ckpt / "optimizer.pt"
     opt = torch.load(opt_file, map_location="cpu", weights_only=True) if opt_file.is_file() else {}
     return state, opt

@@ -33,7 +33,7 @@ from ..config import ModelConfig, check_types, dataclass_from_dict, resolve_devi
 from ..data.corpus import TokenDataset, load_dataset
 from ..data.instruct import IGNORE_INDEX
 from ..data.packing import doc_seqs, get_windows, sample_batch
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, read_jsonl_records
 from ..kernels import Seqs
 from ..model import Transformer
 from .checkpoint import load_training_state, load_weights, read_config, resolve_checkpoint, save_checkpoint
@@ -465,16 +465,7 @@ class Trainer:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """metrics.jsonl's records, oldest first (a line a crash cut short is skipped)."""
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return []
-        records = []
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-        return records
+        return read_jsonl_records(self.out / "metrics.jsonl")
 
     def plot(self) -> Path | None:
         """loss.png: training loss and validation bits per byte against step."""
