@@ -151,9 +151,9 @@ def test_repetition_penalty_skips_placeholders(seed):
 class CharTok:
     """A stand-in tokenizer: one id per character, EOS 0."""
 
-    eos_id, chat_template = 0, None
+    eos_id, chat_template, leading_special_ids = 0, None, []
 
-    def encode(self, text, add_special_tokens=True, parse_special=False):
+    def encode(self, text, add_special_tokens=False, parse_special=False, continuation=False):
         return [ord(c) for c in text]
 
 
