@@ -341,3 +341,24 @@ def test_prefix_init_from_text_is_the_base_model_reading_the_text(seed, method):
     assert not {"init_token_ids", "init_text", "tokenizer"} & set(m.peft_config["options"])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         peft.apply(copy.deepcopy(base), method, num_virtual_tokens=P, init_token_ids=[V + 1])
+
+
+@pytest.mark.parametrize("target, what", [("k_proj", "outputs 32 features, not dim=64"), ("layers", "is a container")])
+def test_adapter_targets_must_write_the_residual_width(target, what):
+    """A Houlsby adapter reads and writes its sublayer's (..., dim) output: a narrower projection
+    or the layer list is refused when applied, not at the first forward with a shape error."""
+    m = tiny()
+    assert m.config.dim == 64 and m.config.n_kv_heads * m.config.head_dim == 32
+    with pytest.raises(ValueError, match=what):
+        peft.apply(m, "adapter", target_modules=[target])
+    assert not any(isinstance(x, AdapterModule) for x in m.modules())
+
+
+def test_adapters_on_a_bf16_base_are_float32():
+    """As HF peft: in bf16 most of AdamW's small adapter updates would round away."""
+    for method in ("lora", "ia3", "adapter", "prompt", "prefix"):
+        m = tiny().to(torch.bfloat16)
+        peft.apply(m, method)
+        assert {p.dtype for p in peft.adapter_parameters(m)} == {torch.float32}, method
+        assert {p.dtype for n, p in m.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+        assert m(torch.randint(0, m.config.vocab_size, (2, 5))).dtype == torch.bfloat16

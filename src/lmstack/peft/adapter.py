@@ -53,5 +53,12 @@ def apply_adapter(
         raise ValueError(f"adapter activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
     dim = model.config.dim
     ref = model.embed_tokens.weight
-    for name in find_targets(model, as_names(target_modules, "target_modules"), nn.Module, "target_modules"):
+    names = find_targets(model, as_names(target_modules, "target_modules"), nn.Module, "target_modules")
+    for name in names:  # the adapter reads and writes the sublayer's (..., dim) output
+        m = model.get_submodule(name)
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)) or (isinstance(m, nn.Linear) and m.out_features != dim):
+            width = f" outputs {m.out_features} features, not dim={dim}" if isinstance(m, nn.Linear) else " is a container"
+            raise ValueError(f"adapter target {name!r}{width}; target sublayers whose output joins the residual "
+                             f"stream (self_attn, mlp, o_proj, down_proj)")
+    for name in names:
         replace_module(model, name, BottleneckAdapter(model.get_submodule(name), dim, bottleneck, activation, ref))

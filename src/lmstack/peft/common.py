@@ -79,5 +79,8 @@ def freeze(model: nn.Module) -> None:
 
 
 def like(weight: torch.Tensor) -> dict:
-    """factory kwargs putting new adapter parameters on the base weight's device and dtype."""
-    return {"device": weight.device, "dtype": weight.dtype}
+    """factory kwargs putting new adapter parameters on the base weight's device, in its dtype, but
+    in float32 on a half-precision base (as HF peft does): in bf16 most of AdamW's small updates to
+    an adapter would round away. The forwards cast at the boundary, so the base stays in its dtype."""
+    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    return {"device": weight.device, "dtype": dtype}
