@@ -316,8 +316,8 @@ def cmd_generate(args) -> int:
         out = generate(model, torch.tensor([ids], device=next(model.parameters()).device),
                        max_new_tokens=args.max_new_tokens, **kw)
         new = out.sequences[0, len(ids):].tolist()
-        stops = [i for i, t in enumerate(new) if t in set(tok.stop_ids)]
-        print(tok.decode(head + new[: stops[0] if stops else len(new)]))
+        end = next((i for i, t in enumerate(new) if t in tok.stop_ids), len(new))
+        print(tok.decode(head + new[:end]))
         return 0
     stream = generate_stream(model, ids, max_new_tokens=args.max_new_tokens, **kw)  # checks arguments first
     shown = tok.decode(head)
