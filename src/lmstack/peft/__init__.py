@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .adapter import apply_adapter
-from .common import AdapterModule, Wrapper, freeze, replace_module
+from .common import AdapterModule, Wrapper, check_not_decoding, freeze, replace_module
 from .ia3 import IA3Linear, apply_ia3
 from .lora import LoRALinear, apply_lora
 from .prefix import PrefixEncoder, apply_prefix, apply_ptuning_v2
@@ -83,6 +83,7 @@ def apply(model: nn.Module, method: str, **options) -> nn.Module:
     The method and its options (defaults filled in) are recorded as ``model.peft_config``.
     """
     full = options_of(method, options)
+    check_not_decoding(model, f"apply({method!r})")
     if method_of(model) is not None:
         raise ValueError(
             f"the model already has a {method_of(model)!r} adapter; stacking PEFT methods is not supported: "
@@ -189,6 +190,7 @@ def merge(model: nn.Module) -> nn.Module:
     the MLP reparameterisation into plain prefixes (``fold``; not reversible). Other methods have
     nothing to merge and raise."""
     method = _require(model)
+    check_not_decoding(model, "merge")
     if method in ("prefix", "ptuning_v2"):
         return fold(model)
     if method not in MERGEABLE:
@@ -202,6 +204,7 @@ def merge(model: nn.Module) -> nn.Module:
 def unmerge(model: nn.Module) -> nn.Module:
     """Take merged LoRA/IA3 updates out of the base weights again (no-op where not merged)."""
     method = _require(model)
+    check_not_decoding(model, "unmerge")
     if method not in MERGEABLE:
         raise ValueError(f"PEFT method {method!r} is never merged into the base weights; nothing to unmerge")
     for m in model.modules():
@@ -214,6 +217,7 @@ def fold(model: nn.Module) -> nn.Module:
     """Prefix tuning: replace the reparameterisation MLP by the prefixes it computes (no-op for
     P-tuning v2, whose prefixes are already plain)."""
     method = _require(model)
+    check_not_decoding(model, "fold")
     if method not in ("prefix", "ptuning_v2"):
         raise ValueError(f"fold applies to prefix tuning, not to {method!r}")
     model.prefix_encoder.fold()
@@ -224,6 +228,7 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove the adapter (unmerging first), leaving the plain base model with every parameter
     trainable again; returns it."""
     _require(model)
+    check_not_decoding(model, "unload")
     for m in model.modules():
         if isinstance(m, (LoRALinear, IA3Linear)):
             m.unmerge()

@@ -84,3 +84,11 @@ def like(weight: torch.Tensor) -> dict:
     an adapter would round away. The forwards cast at the boundary, so the base stays in its dtype."""
     dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
     return {"device": weight.device, "dtype": dtype}
+
+
+def check_not_decoding(model: nn.Module, what: str) -> None:
+    """Refuse to change the weights or modules under an open ``generate_stream``: its decode layout
+    holds copies of the weights (and its KV cache their keys), which every call sharing it uses."""
+    if model.__dict__.get("decode_layout_users", 0):
+        raise ValueError(f"{what}: a generate_stream on this model is still open and decodes with copies of its "
+                         f"weights; finish it or close() it first")

@@ -71,5 +71,9 @@ def apply_ia3(
     extra = [f for f in ff if f not in targets]
     if extra:
         raise ValueError(f"feedforward_modules {extra} must also be in target_modules {list(targets)}")
-    for name in find_targets(model, targets, nn.Linear, "target_modules"):
+    names = find_targets(model, targets, nn.Linear, "target_modules")
+    if "lm_head" in names and getattr(model.config, "tie_embeddings", False):
+        raise ValueError("ia3 on lm_head of a model with tied embeddings would also scale the embedding when "
+                         "merged; drop it")
+    for name in names:
         replace_module(model, name, IA3Linear(model.get_submodule(name), named_suffix_match(name, ff)))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..interop.peft_format import from_peft, to_peft
+from .common import check_not_decoding
 from ..io import atomic_write_bytes, atomic_write_json, open_safetensors, read_tensor
 
 CONFIG, WEIGHTS = "adapter.json", "adapter.safetensors"
@@ -99,6 +100,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """
     from . import INIT_ONLY, adapter_state_dict, apply, fold, method_of, options_of
 
+    check_not_decoding(model, "load_adapter")
     method, options, folded, tensors = read_adapter(adapter_dir, model.config)
     options = {k: v for k, v in options_of(method, options).items() if k not in INIT_ONLY}
     if method_of(model) is None:
