@@ -202,7 +202,10 @@ class Tokenizer:
                              "adds special tokens, so together they could add BOS twice")
         if not (parse_special or continuation):
             return self.hf
-        return self._variants.setdefault((parse_special, continuation), self._variant(parse_special, continuation))
+        key = (parse_special, continuation)
+        if key not in self._variants:  # built once: a copy costs a serialisation of the whole vocabulary
+            self._variants[key] = self._variant(parse_special, continuation)
+        return self._variants[key]
 
     @cached_property
     def _variants(self) -> dict[tuple[bool, bool], HFTokenizer]:
