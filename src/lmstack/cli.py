@@ -213,7 +213,7 @@ def _writable_file(out: Path, option: str) -> Path:
 def cmd_eval(args) -> int:
     from .data.instruct import load_split
     from .data.tokenizer import Tokenizer
-    from .io import atomic_write_json
+    from .io import atomic_write_json, read_json_object
     from .train.checkpoint import load_adapter_into, load_model, resolve_checkpoint
     from .train.task_eval import evaluate_task, format_table
 
@@ -222,8 +222,7 @@ def cmd_eval(args) -> int:
     tuned = ckpt  # the fine-tune's folder: its tokenizer, data and template
     if args.adapter and not any((Path(args.adapter) / f).is_file() for f in ("adapter.json", "adapter_config.json")):
         tuned = resolve_checkpoint(args.adapter, adapters=True)  # a fine-tune run or checkpoint, not a bare adapter
-    state_file = tuned / "trainer_state.json"
-    run_cfg = json.loads(state_file.read_text()).get("train_config", {}) if state_file.is_file() else {}
+    run_cfg = read_json_object(tuned / "trainer_state.json").get("train_config") or {}
     if "method" not in run_cfg:  # a pretraining run: its data and options are not a task's
         run_cfg = {}
     data = args.data or run_cfg.get("data")

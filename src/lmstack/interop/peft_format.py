@@ -39,9 +39,10 @@ def _lmstack_path(key: str) -> str:
     return key.removeprefix("model.") if key.startswith("model.") else key
 
 
-def _matches(name: str, targets) -> bool:  # peft.common.named_suffix_match (not imported: a cycle)
-    targets = [targets] if isinstance(targets, str) else targets
-    return any(name == t or name.endswith("." + t) for t in targets or [])
+def _matches(name: str, targets) -> bool:
+    from ..peft.common import named_suffix_match  # here: lmstack.peft imports this module
+
+    return named_suffix_match(name, [targets] if isinstance(targets, str) else targets or [])
 
 
 def _peft_targets(targets):
