@@ -17,7 +17,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import processors  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
 from lmstack.data.instruct import (IGNORE_INDEX, Example, InstructError, encode_example, encode_examples,  # noqa: E402
@@ -27,7 +27,8 @@ from lmstack.data.tokenizer import Tokenizer  # noqa: E402
 from lmstack.train.finetune import InstructBatches  # noqa: E402
 
 from ..hf_models import tiny_hf  # noqa: E402
-from ..interop.test_real_configs import CALL, FOLDERS, LLAMA3_RE  # noqa: E402
+from ..hf_tokenizers import LLAMA3_RE, byte_level_bpe  # noqa: E402
+from ..interop.test_real_configs import CALL, FOLDERS  # noqa: E402
 
 WORDS = ["Paris", "weather", "sunny", "the", "is", "It", "degrees", "naïve", "café", "東京", "What", "Hello",
          "there", "22", "today", "you", "are", "terse", "!", "?", ",", "ok"]
@@ -78,15 +79,8 @@ def _words(rng, lo=1, hi=6):
 @pytest.fixture(scope="module")
 def backend():
     """Byte-level BPE with Llama 3's split regex (newline runs are one piece whatever follows)."""
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_RE), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator([" ".join(WORDS) * 30, "system user assistant You are a helpful assistant.\n\n" * 30], trainer)
-    return hf
+    return byte_level_bpe([" ".join(WORDS) * 30, "system user assistant You are a helpful assistant.\n\n" * 30], 400,
+                          SPECIALS, LLAMA3_RE)
 
 
 @pytest.fixture(scope="module")

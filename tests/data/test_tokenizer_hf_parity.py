@@ -16,19 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 transformers = pytest.importorskip("transformers")
 
 from lmstack.data.tokenizer import Tokenizer  # noqa: E402
 
+from ..hf_tokenizers import LLAMA3_RE, QWEN_RE, byte_level_bpe  # noqa: E402
+
 CORPUS = ["You are a helpful assistant. What is the weather in Paris today? It is sunny, 22 degrees.\n" * 10,
           "Hello world, hello there! The quick brown fox jumps over the lazy dog. naïve café 東京 😀\n" * 10,
           "system user assistant [INST] [/INST] <<SYS>> tabs\tand  spaces\r\n12345 " * 10]
-LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN_RE = LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
 PIECES = ["Hello", " world", "  ", "\t", "\n", "\r\n", " ", "😀", "東京", "é", "e\u0301", "naïve", "[INST]", "</s>",
           "<s>", "<unk>", "?", ".", " ,", "12345", "Ω", "\u200b", "🇫🇷", " the", "<|endoftext|>", "<|im_start|>", "ﬁ"]
 
@@ -118,19 +117,7 @@ def _sentencepiece_bpe(form: str) -> HFTokenizer:
 
 
 def _byte_level(split_re: str | None, specials: list[str], *, nfc: bool = False) -> HFTokenizer:
-    tok = HFTokenizer(models.BPE())
-    if nfc:
-        tok.normalizer = normalizers.NFC()
-    if split_re is None:  # GPT-2: ByteLevel's own regex
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split_re), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tok
+    return byte_level_bpe(CORPUS, 400, specials, split_re, nfc=nfc)
 
 
 def _token(content: str) -> dict:

@@ -23,10 +23,11 @@ transformers = pytest.importorskip("transformers")
 import lmstack  # noqa: E402
 from lmstack.data.tokenizer import Tokenizer  # noqa: E402
 from lmstack.interop import from_hf, to_hf  # noqa: E402
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import AddedToken, models, pre_tokenizers, processors, trainers  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
 from ..hf_models import load_hf  # noqa: E402
+from ..hf_tokenizers import LLAMA3_RE, QWEN_RE, byte_level_bpe  # noqa: E402
 
 V = 256
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -221,10 +222,6 @@ def test_greedy_generation_matches_hf(tmp_path, seed, name):
 
 
 # -- tokenizer folders as the Hub ships them ----------------------------------------------------------
-LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 CORPUS = ["You are a helpful assistant. What is the weather in Paris today? It is sunny, 22 degrees.\n" * 20,
           "system user assistant tool ipython Environment Tools Cutting Knowledge Date Today function "
           "parameters name arguments city get_weather call_id content results " * 20,
@@ -481,17 +478,7 @@ MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]",
 
 
 def _byte_level(split_re: str, specials: list[str], *, nfc=False) -> HFTokenizer:
-    tok = HFTokenizer(models.BPE())
-    if nfc:
-        tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split_re), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    return tok
+    return byte_level_bpe(CORPUS, 420, specials, split_re, nfc=nfc)
 
 
 def _metaspace(specials: list[str]) -> HFTokenizer:
