@@ -16,6 +16,9 @@ from typing import Any
 ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3", "yarn")
 
 
+CONFIG_FORMAT = "lmstack"  # config.json's "format" in an lmstack model folder (HF's has "model_type")
+
+
 def _llama_ffn_dim(dim: int, multiple_of: int = 256) -> int:
     """The LLaMA rule: 2/3 of 4*dim, rounded up to a multiple (keeps SwiGLU's FLOPs at 4*dim's)."""
     hidden = int(2 * (4 * dim) / 3)
@@ -93,6 +96,12 @@ class ModelConfig:
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return self.n_layers * per_layer + emb + self.dim
 
+    @property
+    def hf_model_type(self) -> str:
+        """The Hugging Face family that holds this architecture, as ``to_hf`` writes it: "qwen2"
+        (q/k/v bias), "mistral" (a sliding window) or "llama"."""
+        return hf_model_type(self.qkv_bias, self.sliding_window)
+
     # -- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,6 +129,15 @@ class ModelConfig:
                 d.pop("ffn_dim", None)
             d.update(overrides)
         return cls.from_dict(d)
+
+
+def hf_model_type(qkv_bias: Any, sliding_window: Any) -> str:
+    """ModelConfig.hf_model_type from the two fields (also for a config.json read as a dict)."""
+    if qkv_bias:
+        if sliding_window is not None:
+            raise ValueError("a model with both q/k/v bias and a sliding window has no HF equivalent")
+        return "qwen2"
+    return "llama" if sliding_window is None else "mistral"
 
 
 def dataclass_from_dict(cls, d: dict[str, Any], what: str):

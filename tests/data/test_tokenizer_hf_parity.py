@@ -404,3 +404,30 @@ def test_cli_generate_hf_matches_hf_greedy(tmp_path, capsys, kind):
     assert capsys.readouterr().out == reply + "\n"
     assert main(argv) == 0
     assert capsys.readouterr().out == reply + "\n"
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama"])
+def test_convert_keeps_how_transformers_reads_the_tokenizer(tmp_path, seed, family):
+    """A folder whose tokenizer.json disagrees with its `legacy` flag: transformers rebuilds a
+    LlamaTokenizer's pipeline for a llama model but reads a mistral model's file as it is. The
+    lmstack folder `convert --from-hf` writes (its config.json has no HF model_type), and the HF
+    folder `convert --to-hf` writes back, must encode as the original folder does in transformers."""
+    from lmstack.cli import main
+
+    src = _llama2_folder(tmp_path / "hf", "always", False)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(src))
+    common = dict(vocab_size=len(theirs), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
+    hf_cfg = (transformers.MistralConfig(**common, sliding_window=16) if family == "mistral"
+              else transformers.LlamaConfig(**common))
+    transformers.AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(src)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(src))  # now beside a config.json with model_type
+    assert main(["convert", "--from-hf", str(src), "--out", str(tmp_path / "ours")]) == 0
+    assert main(["convert", "--to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "back")]) == 0
+    back = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "back"))
+    rng = random.Random(seed)
+    texts = [" Hello", "<s> x", "a</s> b</s>c", *(_random_text(rng) for _ in range(20))]
+    _assert_encodes_like(Tokenizer.from_file(tmp_path / "ours"), theirs, texts)
+    _assert_encodes_like(Tokenizer.from_file(tmp_path / "back"), back, texts)
+    for text in texts:
+        assert back(text).input_ids == theirs(text).input_ids, repr(text)

@@ -27,6 +27,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from ..config import CONFIG_FORMAT, hf_model_type
 from ..io import atomic_write_text, first_line, read_json_object
 
 BOS = "<|bos|>"
@@ -106,6 +107,8 @@ class Tokenizer:
         prepends "▁" after every special token; with `"legacy": false` transformers does not). A
         byte-level tokenizer.json, or a Mistral model's, is used as it is (transformers 5.24 then
         also drops LlamaTokenizer's default names; we keep them, so such a folder keeps its EOS).
+        An lmstack model folder counts as the HF family it exports to (`convert --from-hf` then
+        reads its tokenizer as the source folder did).
         tokenizer_config's `added_tokens_decoder` flags win over tokenizer.json's, and every named
         or extra special token becomes a special token, added to the vocabulary if missing there."""
         path = Path(path)
@@ -122,7 +125,7 @@ class Tokenizer:
         hf.no_truncation()
         folder = file.parent
         config = read_json_object(folder / "tokenizer_config.json")
-        model_config = read_json_object(folder / "config.json")
+        model_config = _hf_model_config(read_json_object(folder / "config.json"))
         klass = _tokenizer_class(config, model_config)
         special_map = read_json_object(folder / "special_tokens_map.json")
         declared = _token_names(config, special_map, klass)
@@ -326,6 +329,18 @@ def _id_or_none(hf: HFTokenizer, token: str | None) -> int | None:
 def _in_vocab(hf: HFTokenizer, names: dict[str, str | None]) -> dict[str, str]:
     """The named tokens that are set and exist in the vocabulary."""
     return {k: v for k, v in names.items() if _id_or_none(hf, v) is not None}
+
+
+def _hf_model_config(model_config: dict) -> dict:
+    """config.json as transformers sees it: an lmstack model folder's (which names no HF model_type)
+    gets the model_type its HF export will have, so the tokenizer reads as it will there."""
+    if model_config.get("format") != CONFIG_FORMAT or "model_type" in model_config:
+        return model_config
+    try:
+        model_type = hf_model_type(model_config.get("qkv_bias"), model_config.get("sliding_window"))
+    except ValueError:  # no HF equivalent
+        return model_config
+    return {**model_config, "model_type": model_type}
 
 
 def _tokenizer_class(config: dict, model_config: dict) -> str | None:

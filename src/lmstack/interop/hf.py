@@ -216,14 +216,8 @@ def from_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: st
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    if cfg.qkv_bias:
-        if cfg.sliding_window is not None:
-            raise ValueError("a model with both q/k/v bias and a sliding window has no HF equivalent")
-        arch, model_type = "Qwen2ForCausalLM", "qwen2"
-    elif cfg.sliding_window is not None:
-        arch, model_type = "MistralForCausalLM", "mistral"
-    else:
-        arch, model_type = "LlamaForCausalLM", "llama"
+    model_type = cfg.hf_model_type
+    arch = {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}[model_type]
     out = {
         "architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,

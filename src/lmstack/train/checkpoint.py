@@ -23,12 +23,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import ModelConfig
+from ..config import CONFIG_FORMAT, ModelConfig
 from ..io import (atomic_dir, atomic_write_json, copy_tensors_into, fsync_dir, open_safetensors, read_json_object,
                   read_jsonl_records, save_safetensors)
 from ..model import Transformer
 
-CONFIG_FORMAT = "lmstack"
 FINETUNE_FILE = "finetune.json"  # marks an adapter checkpoint (base pointer + PEFT method)
 FINETUNE_FORMAT = "lmstack-finetune"
 
