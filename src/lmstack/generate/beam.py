@@ -36,11 +36,13 @@ HF's rules (transformers 5.x ``GenerationMixin._beam_search``), all matched here
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
-from .decode import GenerateOutput, Steps, padded_positions, prefill
+from .decode import GenerateOutput, Steps, is_int, padded_positions, prefill
 from .sampling import apply_repetition_penalty
 
 NEG_INF = float("-inf")
@@ -51,17 +53,17 @@ def check_beam_args(
     num_beams: int, num_return_sequences: int, length_penalty: float, early_stopping
 ) -> None:
     """Raise a one-line ValueError for a setting HF would reject too."""
-    if not isinstance(num_beams, int) or num_beams < 1:
+    if not is_int(num_beams) or num_beams < 1:
         raise ValueError(f"num_beams={num_beams!r} must be an integer >= 1")
-    if not isinstance(num_return_sequences, int) or not 1 <= num_return_sequences <= num_beams:
+    if not is_int(num_return_sequences) or not 1 <= num_return_sequences <= num_beams:
         raise ValueError(
             f"num_return_sequences={num_return_sequences!r} must be between 1 and num_beams={num_beams}; "
             "raise num_beams or return fewer sequences"
         )
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):
         raise ValueError(f"early_stopping={early_stopping!r} must be True, False or 'never'")
-    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool):
-        raise ValueError(f"length_penalty={length_penalty!r} must be a number (1.0 = average log-prob per token)")
+    if not isinstance(length_penalty, numbers.Real) or isinstance(length_penalty, bool) or not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty={length_penalty!r} must be a finite number (1.0 = average log-prob per token)")
 
 
 # -- the finished-hypotheses store -------------------------------------------------------------

@@ -438,7 +438,7 @@ def check_ids(model: torch.nn.Module, ids: torch.Tensor, pad_mask: torch.Tensor 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is not None and not is_int(seed):
         raise ValueError(f"seed={seed!r} must be an integer (or None for torch's global generator)")
-    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    return None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
 
 
 # -- token selection ---------------------------------------------------------------------------
@@ -533,7 +533,11 @@ def generate(
         repetition_penalty=repetition_penalty,
     )
     eos = as_id_list(eos_token_id) if stop_on_eos else []
-    pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
+    if pad_token_id is not None and not is_int(pad_token_id):
+        raise ValueError(f"pad_token_id={pad_token_id!r} must be a token id (an integer) or None")
+    if not is_int(num_beams) or num_beams < 1:
+        raise ValueError(f"num_beams={num_beams!r} must be an integer >= 1")
+    pad_id = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else None)
     device = next(model.parameters()).device
     ids, pad_mask = prepare_inputs(input_ids, attention_mask, pad_id if pad_id is not None else 0, device)
     check_length(model, ids.shape[1], max_new_tokens)
@@ -553,12 +557,11 @@ def generate(
 
         with cpu_decode_layout(model, compiled=compile), contextlib.closing(steps):
             return beam_search(
-                model, ids, pad_mask, max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
+                model, ids, pad_mask, max_new_tokens, num_beams=int(num_beams),
+                num_return_sequences=int(num_return_sequences),
                 length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
                 repetition_penalty=repetition_penalty, steps=steps,
             )
-    if num_beams < 1:
-        raise ValueError(f"num_beams={num_beams} must be >= 1")
     choose = make_chooser(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         repetition_penalty=repetition_penalty, generator=make_generator(seed, device),
@@ -601,9 +604,12 @@ def decode_loop(
     for step in range(max_new_tokens):
         tok = choose(logits, seq[:, :t], None if seq_mask is None else seq_mask[:, :t])  # (B,)
         if eos_ids is not None:
-            tok = torch.where(unfinished, tok, pad_id)  # finished rows emit padding (HF)
-            unfinished &= ~torch.isin(tok, eos_ids)
-        seq[:, t] = tok
+            # finished rows emit padding (HF) but go on feeding the model a token of its vocabulary:
+            # pad_token_id need not be one, and their later logits are never used
+            seq[:, t] = torch.where(unfinished, tok, pad_id)
+            unfinished &= ~torch.isin(seq[:, t], eos_ids)
+        else:
+            seq[:, t] = tok
         t += 1
         if step == max_new_tokens - 1 or (eos_ids is not None and not bool(unfinished.any())):
             break
