@@ -336,7 +336,7 @@ def cmd_generate(args) -> int:
 
 def cmd_convert(args) -> int:
     from .interop import from_hf, to_hf
-    from .interop.hf import copy_tokenizer_files
+    from .data.tokenizer import copy_tokenizer_files
     from .io import atomic_dir, check_output_dir, stored_dtype
     from .train.checkpoint import load_model, resolve_checkpoint, save_model_dir
 
@@ -499,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CorpusError, *USAGE_ERRORS) as e:
         print(f"lmstack {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a folder that cannot be written (read-only, below a file, disk full)
+        print(f"lmstack {args.command}: error: {e}; check that the folder exists, is writable and has space", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -74,13 +76,38 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale(final: Path, host: str) -> None:
+    """Delete the siblings ``.NAME.tmp-HOST-PID-*`` and ``.NAME.old-HOST-PID`` that a writer on this
+    host left when it was killed (a checkpoint's worth of disk each); a live writer's stay."""
+    for kind in ("tmp", "old"):
+        head = f".{final.name}.{kind}-{host}-"
+        for p in final.parent.glob(glob.escape(head) + "*"):
+            pid = p.name[len(head):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``final`` whole, on error it vanishes."""
+    """Yield a temporary directory; on success it replaces ``final`` whole, on error it vanishes.
+    The temporary siblings are named after this host and process, so a later call removes those of
+    a writer that was killed (SIGKILL, power loss) before it could."""
     final = Path(final)
     made = [p for p in reversed(final.parents) if not p.exists()]  # parent folders this call creates
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    _remove_stale(final, socket.gethostname())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{owner}-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
@@ -93,7 +120,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         else:  # a first write, or no renameat2: a moment without `final` between the two renames
             old = None
             if final.exists():
-                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                old = final.with_name(f".{final.name}.old-{owner}")
                 os.replace(final, old)
             os.replace(tmp, final)
             fsync_dir(final.parent)

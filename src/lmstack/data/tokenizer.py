@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from functools import cached_property
 from pathlib import Path
@@ -48,7 +49,10 @@ _CLASS_NAMES = {
     "Qwen2Tokenizer": {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
 }
 _MODEL_TYPE_CLASSES = {"gpt2": "GPT2Tokenizer", "qwen2": "Qwen2Tokenizer"}
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte fallback
 CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named templates beside it (transformers 5): tool_use.jinja
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   CHAT_TEMPLATE_FILE)  # and the named chat templates in CHAT_TEMPLATE_DIR
 
 
 class Tokenizer:
@@ -273,7 +277,8 @@ class Tokenizer:
     # ---- vocabulary ---------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        return self.hf.get_vocab_size(with_added_tokens=True)
+        """One past the largest id (what an embedding table needs; ids need not be contiguous)."""
+        return max(self.hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(i)
@@ -282,19 +287,26 @@ class Tokenizer:
         return self.hf.token_to_id(s)
 
     def token_bytes(self) -> np.ndarray:
-        """(vocab_size,) int32: UTF-8 bytes each token stands for, 0 for special/added tokens.
-        Byte-level BPE writes each byte as one character, so it is the token's length."""
-        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        """(vocab_size,) int32: UTF-8 bytes each token stands for, 0 for special/added tokens and
+        unused ids. Byte-level BPE writes each byte as one character, so it is the token's length;
+        a SentencePiece vocabulary writes a space as "▁" and a fallback byte as "<0xNN>"."""
         added = set(self.hf.get_added_tokens_decoder())
+        byte_level = _byte_level(self.hf)
+        if not byte_level and not _sentencepiece(self.hf):
+            raise ValueError("token_bytes needs a byte-level BPE or SentencePiece tokenizer; this one's "
+                             "decoder is neither")
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
         out = np.zeros(self.vocab_size, dtype=np.int32)
-        for i in range(self.vocab_size):
-            tok = self.hf.id_to_token(i)
-            if i in added or tok is None:
+        for tok, i in self.hf.get_vocab(with_added_tokens=False).items():
+            if i in added:
                 continue
-            if not set(tok) <= alphabet:
-                raise ValueError(f"token {i} ({tok!r}) is not byte-level BPE; token_bytes needs a "
-                                 f"ByteLevel tokenizer")
-            out[i] = len(tok)
+            if byte_level:
+                if not set(tok) <= alphabet:
+                    raise ValueError(f"token {i} ({tok!r}) is not byte-level BPE; token_bytes needs every "
+                                     f"token of a ByteLevel tokenizer to be")
+                out[i] = len(tok)
+            else:
+                out[i] = 1 if _BYTE_PIECE.fullmatch(tok) else len(tok.replace("▁", " ").encode("utf-8"))
         return out
 
     def __repr__(self) -> str:
@@ -362,6 +374,11 @@ def _rebuilds_llama_pipeline(klass: str | None, model_config: dict, hf: HFTokeni
     """Whether transformers 5 replaces tokenizer.json's pipeline with LlamaTokenizer's: not for a
     Mistral model's folder nor a byte-level tokenizer.json (it reads those as they are)."""
     return klass == "LlamaTokenizer" and model_config.get("model_type") != "mistral" and not _byte_level(hf)
+
+
+def _sentencepiece(hf: HFTokenizer) -> bool:
+    """A decoder that turns "▁" back into spaces (Metaspace, or Llama-2's Replace)."""
+    return hf.decoder is not None and "▁".encode() in hf.decoder.__getstate__()
 
 
 def _byte_level(hf: HFTokenizer) -> bool:
@@ -495,3 +512,16 @@ def _require(token_id: int | None, what: str) -> int:
         raise ValueError(f"this tokenizer has no {what} token; train one with lmstack or add a "
                          f"tokenizer_config.json naming {what.lower()}_token")
     return token_id
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
+    """Copy what a model folder holds besides weights and config from ``src`` to ``dst``: the
+    tokenizer, its special-token names, its chat templates (named ones in
+    ``additional_chat_templates/`` included) and its generation config."""
+    src, dst = Path(src), Path(dst)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            (dst / name).write_bytes((src / name).read_bytes())
+    for file in sorted((src / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+        (dst / CHAT_TEMPLATE_DIR).mkdir(exist_ok=True)
+        (dst / CHAT_TEMPLATE_DIR / file.name).write_bytes(file.read_bytes())

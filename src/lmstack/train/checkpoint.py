@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import CONFIG_FORMAT, ModelConfig
+from ..data.tokenizer import copy_tokenizer_files
 from ..io import (atomic_dir, atomic_write_json, copy_tensors_into, fsync_dir, open_safetensors, read_json_object,
                   read_jsonl_records, save_safetensors)
 from ..model import Transformer
@@ -51,7 +52,9 @@ def save_checkpoint(
     write_model: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoints/step_{step}`` atomically and point ``run_dir/checkpoint`` at it.
-    ``write_model(folder)`` replaces the default config.json + model.safetensors (adapter runs)."""
+    ``write_model(folder)`` replaces the default config.json + model.safetensors (adapter runs).
+    ``tokenizer_file`` (a tokenizer.json) is copied in, with the tokenizer files beside it
+    (tokenizer_config.json, chat templates, generation_config.json)."""
     run_dir = Path(run_dir)
     final = run_dir / "checkpoints" / f"step_{step:06d}"
     with atomic_dir(final) as tmp:
@@ -59,7 +62,8 @@ def save_checkpoint(
             save_model_dir(model, tmp)
         else:
             write_model(tmp)
-        if tokenizer_file is not None:
+        if tokenizer_file is not None:  # with the files beside it: the EOS name, chat template, stop ids
+            copy_tokenizer_files(Path(tokenizer_file).parent, tmp)
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         atomic_write_json(tmp / "trainer_state.json", {"step": step, **(trainer_state or {})})
         if optimizer is not None:

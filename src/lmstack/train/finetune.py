@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -280,9 +279,6 @@ class Finetuner(Trainer):
                 write_finetune_info(folder, method=cfg.method, options=cfg.method_options, base=self.base_ckpt)
                 trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
                 save_safetensors(trained, folder / TRAINABLE_FILE, metadata={"format": "pt"})
-            for name in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-                if (self.base_ckpt / name).is_file():  # the base's chat template and stop ids carry over
-                    shutil.copyfile(self.base_ckpt / name, folder / name)
 
         return save_checkpoint(
             self.out, self.model, step=self.step, trainer_state=state, optimizer=self.optimizer, scaler=self.scaler,
