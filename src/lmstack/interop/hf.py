@@ -16,15 +16,15 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig, positive_int
-from ..data.tokenizer import CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, Tokenizer
-from ..io import atomic_dir, check_output_dir, copy_tensors_into, open_safetensors, read_json_object, save_safetensors
+from ..data.tokenizer import Tokenizer, copy_tokenizer_files
+from ..io import (atomic_dir, check_output_dir, copy_tensors_into, open_safetensors, read_json_object, save_safetensors,
+                  stored_dtype)
 from ..model import Transformer
+from ..model.transformer import check_model_dtype
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 SUPPORTED = ", ".join(ARCHITECTURES)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   CHAT_TEMPLATE_FILE)  # and the named chat templates in CHAT_TEMPLATE_DIR
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 
 
@@ -171,8 +171,10 @@ def _ignorable(name: str, cfg: ModelConfig) -> bool:
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A torch dtype, its name ("bfloat16", "torch.bfloat16", "bf16") or None / "auto" (None: the
     checkpoint's own dtype, as transformers' ``dtype="auto"``)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        return check_model_dtype(dtype)
     name = str(dtype).removeprefix("torch.")
     if name == "auto":
         return None
@@ -186,7 +188,8 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 def from_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None) -> Transformer:
     """Load an HF Llama / Qwen2 / Mistral checkpoint directory as an lmstack Transformer.
 
-    dtype: None uses the checkpoint's ``torch_dtype``/``dtype`` (float32 if absent).
+    dtype: None (or "auto") uses config.json's ``dtype``/``torch_dtype``, else the stored weights'
+    dtype, as transformers' ``dtype="auto"`` does.
     """
     path = Path(path)
     cfg_file = path / "config.json"
@@ -198,9 +201,17 @@ def from_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: st
         raise ValueError(f"{cfg_file} is not valid JSON ({e})") from None
     cfg = config_from_hf(hf, cfg_file)
     dtype = parse_dtype(dtype)
-    if dtype is None:
-        dtype = DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
     files = _weight_files(path)
+    if dtype is None:
+        named = hf.get("dtype") or hf.get("torch_dtype")
+        if named is None:
+            dtype = stored_dtype(next(iter(files.values()))) if files else torch.float32
+        else:
+            try:
+                dtype = parse_dtype(named) if named != "float64" else torch.float64
+            except ValueError:
+                raise ValueError(f"{cfg_file}: dtype {named!r} is not one lmstack loads; pass dtype= (float32, "
+                                 f"bfloat16, float16)") from None
     model = Transformer.empty(cfg, dtype=dtype, device=device)  # allocated once, in the target dtype
     expected = model.stored_state_dict()
     missing = [k for k in expected if _hf_name(k) not in files]
@@ -299,19 +310,6 @@ def to_hf(model: Transformer, out_dir: str | Path, *, max_shard_bytes: int = 5 *
                     {"tokenizer_class": "PreTrainedTokenizerFast", **names, "model_max_length": cfg.max_seq_len},
                     indent=2) + "\n")
     return out_dir
-
-
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
-    """Copy what a model folder holds besides weights and config from ``src`` to ``dst``: the
-    tokenizer, its special-token names, its chat templates (named ones in
-    ``additional_chat_templates/`` included) and its generation config."""
-    src, dst = Path(src), Path(dst)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            (dst / name).write_bytes((src / name).read_bytes())
-    for file in sorted((src / CHAT_TEMPLATE_DIR).glob("*.jinja")):
-        (dst / CHAT_TEMPLATE_DIR).mkdir(exist_ok=True)
-        (dst / CHAT_TEMPLATE_DIR / file.name).write_bytes(file.read_bytes())
 
 
 def special_token_ids(tok: Tokenizer | None) -> dict[str, Any]:

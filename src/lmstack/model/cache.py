@@ -60,8 +60,10 @@ class KVCache:
         """Store k, v (B, Hkv, T, D) after the cached ones; return all keys/values so far. With
         ``slots`` (T,) int64, store them there instead and return the whole buffers (max_len keys)."""
         if slots is not None:
-            self.k[layer].index_copy_(2, slots, k)
-            self.v[layer].index_copy_(2, slots, v)
+            # under autocast k arrives in fp32 (RoPE's tables) and v in bf16: store both in the cache's
+            # dtype, as slice assignment does below
+            self.k[layer].index_copy_(2, slots, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, slots, v.to(self.v[layer].dtype))
             return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length : end] = k

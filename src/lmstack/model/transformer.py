@@ -85,11 +85,23 @@ class Transformer(nn.Module):
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         return rope_tables(inv_freq, cfg.max_seq_len, rope_attention_scale(cfg.rope_scaling))
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.cuda()``...: the RoPE tables move with the weights but stay
+        float32 (``forward`` casts what it uses to the weights' dtype, as HF does), so a model loaded
+        in bf16 and then upcast computes the rotation as exactly as one loaded in fp32."""
+        super()._apply(fn, recurse)
+        cos = self.rope_cos
+        if cos.dtype != torch.float32 and cos.device.type != "meta":
+            self.rope_cos, self.rope_sin = (t.to(cos.device) for t in self.rope_buffers(self.config))
+        return self
+
     @classmethod
     def empty(cls, cfg: ModelConfig, *, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None) -> "Transformer":
         """A model with uninitialised weights allocated once, directly in ``dtype`` on ``device``
         (for loaders that fill every weight: no random init, no second copy)."""
+        if dtype is not None:
+            check_model_dtype(dtype)
         with torch.device("meta"):
             model = cls(cfg)
         if dtype is not None:
@@ -183,11 +195,12 @@ class Transformer(nn.Module):
         if scaling is not None and scaling["type"] == "dynamic":  # frequencies depend on the length
             pos = torch.arange(start, start + T, device=input_ids.device) if positions is None else positions
             cos, sin = dynamic_rope(self.config.head_dim, self.config.rope_theta, scaling, pos)
-            cos, sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
         elif positions is None:
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, D)
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B|1, T, D)
+        dtype = self.embed_tokens.weight.dtype  # the tables are float32; the rotation runs in the weights'
+        cos, sin = cos.to(dtype), sin.to(dtype)
         if cos.dim() == 2:
             cos, sin = cos[None, None], sin[None, None]  # (1, 1, T, D)
         else:
@@ -253,6 +266,17 @@ class Transformer(nn.Module):
             seen.add(id(p))
             n += p.numel()
         return n
+
+
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_model_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` if the model can hold its weights in it, else a one-line ValueError."""
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"dtype={dtype} is not one the model runs in; pass torch.float32, torch.bfloat16, "
+                         f"torch.float16 or torch.float64")
+    return dtype
 
 
 @contextlib.contextmanager
