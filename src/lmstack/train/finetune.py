@@ -38,7 +38,7 @@ from ..kernels import Seqs
 from .checkpoint import (is_adapter_checkpoint, load_model, read_config, read_finetune_info, resolve_checkpoint,
                          save_checkpoint, save_model_dir, write_finetune_info)
 from .objectives import IGNORE_INDEX, causal_lm_loss
-from .trainer import Trainer, TrainConfig
+from .trainer import Trainer, TrainConfig, stream_seed
 
 METHODS = ("full", *peft.METHODS)
 VIRTUAL_TOKEN_METHODS = ("prefix", "ptuning_v2", "prompt")  # extra leading positions (prompt: by default)
@@ -132,7 +132,7 @@ class InstructBatches:
 
     def _epoch_order(self, epoch: int) -> list[int]:
         if self._order[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(stream_seed(self.seed, epoch))
             self._order = (epoch, torch.randperm(len(self.rows), generator=g).tolist())
         return self._order[1]
 

@@ -113,6 +113,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def stream_seed(*parts: int) -> int:
+    """A generator seed for the draw named by ``parts`` (seed, step, micro-batch ...): distinct
+    tuples give unrelated seeds (numpy's SeedSequence hashes the whole tuple)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -121,7 +127,8 @@ class Trainer:
     # What makes a run this run: a resume must keep them (checked against the checkpoint's
     # train_config and model config); optimizer settings may change, and are reported
     RUN_FIELDS = ("model", "model_overrides", "data", "seq_len", "batch_size", "grad_accum", "seed", "doc_mask")
-    TUNABLE_FIELDS = ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "precision")
+    TUNABLE_FIELDS = ("lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "grad_clip",
+                      "precision")
     MODEL_LABEL = "model"
 
     def __init__(
@@ -200,12 +207,15 @@ class Trainer:
             raise ValueError("the model has no parameter with requires_grad=True; nothing to train")
         decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings
         no_decay = [p for p in params if p.dim() < 2]  # norm gains, biases
-        groups = [
-            {"params": decay, "weight_decay": self.cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        groups = [{"params": ps, **hp} for ps, hp in zip((decay, no_decay), self._group_settings())]
         kw = {"fused": True} if self.device.type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), eps=1e-8, **kw)
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, eps=1e-8, **kw)
+
+    def _group_settings(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """AdamW settings of the two parameter groups (decayed, not decayed), from the config: at the
+        start, and again after a resume loads the optimizer state (which holds the old ones)."""
+        betas = (self.cfg.beta1, self.cfg.beta2)
+        return {"weight_decay": self.cfg.weight_decay, "betas": betas}, {"weight_decay": 0.0, "betas": betas}
 
     def _restore_weights(self, ckpt: Path) -> None:
         load_weights(self.model, ckpt / "model.safetensors")
@@ -237,10 +247,14 @@ class Trainer:
         self.elapsed = state.get("elapsed", 0.0)
         if "optimizer" in opt:
             self.optimizer.load_state_dict(opt["optimizer"])
+            for group, settings in zip(self.optimizer.param_groups, self._group_settings()):
+                group.update(settings)  # the settings this resume reports as changed take effect
         if self.scaler is not None and "scaler" in opt:
             self.scaler.load_state_dict(opt["scaler"])
         if "rng_cpu" in opt:
             torch.set_rng_state(opt["rng_cpu"])
+        if "rng_cuda" in opt and torch.cuda.is_available():  # CUDA draws (dropout) continue as in one run
+            torch.cuda.set_rng_state_all(opt["rng_cuda"][: torch.cuda.device_count()])
         self._trim_metrics(self.step)
         self._log(f"resumed from {ckpt} at step {self.step}")
 
@@ -254,7 +268,7 @@ class Trainer:
     def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, Seqs | None, int]:
         """Micro-batch ``micro`` of optimizer step ``step``: inputs (B, T), targets (B, T) (-100 =
         no loss), packed-document ``Seqs`` or None, and the number of real (non-padding) tokens."""
-        g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step * 1009 + micro) % (2**63))
+        g = torch.Generator().manual_seed(stream_seed(self.cfg.seed, step, micro))
         x, y = sample_batch(self.data.train, self.cfg.batch_size, self.cfg.seq_len, g)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), None, x.numel()
 
