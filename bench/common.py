@@ -71,21 +71,21 @@ def update_docs(section: str, body: str) -> None:
 
 
 def hf_twin(model: lmstack.Transformer):
-    """An HF LlamaForCausalLM with the same architecture and the same weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The HF model (Llama, Qwen2 or Mistral, as ``to_hf`` names it) with the same architecture and
+    weights, built as ``from_pretrained(dtype=...)`` builds it: RoPE's frequencies stay float32 in a
+    bf16 model (``.to(bf16)`` would round them, and HF's outputs with them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    c = model.config
-    hc = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.dim, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
-        num_key_value_heads=c.n_kv_heads, intermediate_size=c.ffn_dim, max_position_embeddings=c.max_seq_len,
-        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
+    from lmstack.interop.hf import config_to_hf
+
     p = next(model.parameters())
+    settings = config_to_hf(model.config, p.dtype)
+    hc = AutoConfig.for_model(settings.pop("model_type"), **settings, bos_token_id=None, eos_token_id=None,
+                              pad_token_id=None)
     with torch.device(p.device):  # built where the weights live (fast init on a GPU)
-        hf = LlamaForCausalLM(hc).to(dtype=p.dtype)
+        hf = AutoModelForCausalLM.from_config(hc, dtype=p.dtype)
     sd = {("model." + k if k != "lm_head.weight" else k): v for k, v in model.state_dict().items()}
-    hf.load_state_dict(sd, strict=False)
+    hf.load_state_dict(sd, strict=True)  # every weight, or an error (a dropped q/k/v bias would be silent)
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = None
     return hf

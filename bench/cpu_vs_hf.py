@@ -136,15 +136,17 @@ def main() -> None:
 
     out = ROOT / "bench" / "results" / "cpu_vs_hf.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
-    if args.race_only:
+    if args.race_only:  # the speed rows (and their meta: device, date, commit) stay the earlier run's
+        if not {"train_tok_s", "decode_tok_s", "meta"} <= previous.keys():
+            raise SystemExit(f"--race-only keeps the speed rows of an earlier run, and {out} holds none; run without it")
         results = previous
     else:
         results.update(measure_speed(cfg, data, B, T, args))
+        results["meta"] = meta()
     if not args.skip_race:
-        results["race"] = race(cfg, data, B, T, token_bytes, args.budget)
-    elif "race" in previous:  # keep the last race (its commit is noted in docs/benchmarks.md)
-        results["race"] = previous["race"]
-    results["meta"] = meta()
+        results["race"] = {**race(cfg, data, B, T, token_bytes, args.budget), "meta": meta()}
+    elif "race" in previous:  # keep the last race, with its own meta (older files: that of the run that wrote it)
+        results["race"] = {"meta": previous.get("meta"), **previous["race"]}
     publish("cpu_vs_hf", results, render(results))
 
 
@@ -207,6 +209,7 @@ def race(cfg, data, B, T, token_bytes, budget) -> dict:
 def render(r: dict) -> str:
     m = r["meta"]
     tr, de = r["train_tok_s"], r["decode_tok_s"]
+    hf_compile = f"{tr['hf+compile']:,.0f}" if "hf+compile" in tr else "—"  # --no-hf-compile
     lines = [
         f"device: {m['device']} | torch {m['torch']} | transformers {m['transformers']} | {m['date']} | "
         f"commit {m['commit']}",
@@ -215,7 +218,7 @@ def render(r: dict) -> str:
         "",
         "| measure | HF eager | HF + compile | lmstack eager | lmstack + compile | lmstack eager / HF | lmstack + compile / HF |",
         "|---|---|---|---|---|---|---|",
-        f"| training tokens/s | {tr['hf']:,.0f} | {tr.get('hf+compile', float('nan')):,.0f} | {tr['lmstack']:,.0f} | "
+        f"| training tokens/s | {tr['hf']:,.0f} | {hf_compile} | {tr['lmstack']:,.0f} | "
         f"{tr['lmstack+compile']:,.0f} | {tr['lmstack'] / tr['hf']:.2f}x | {tr['lmstack+compile'] / tr['hf']:.2f}x |",
         f"| greedy batch-1 decode tokens/s | {de['hf']:,.0f} | — | {de['lmstack']:,.0f} | {de['lmstack+compile']:,.0f} | "
         f"{de['lmstack'] / de['hf']:.2f}x | {de['lmstack+compile'] / de['hf']:.2f}x |",
@@ -226,6 +229,10 @@ def render(r: dict) -> str:
             f"| val bits/byte after {r['race']['budget_s']:.0f}s of training (lower is better) | {b['val_bpb']:.3f} "
             f"({b['steps']} steps) | — | — | {a['val_bpb']:.3f} ({a['steps']} steps, compile included) | — | "
             f"{'lower' if a['val_bpb'] < b['val_bpb'] else 'HIGHER'} |")
+    race_meta = r.get("race", {}).get("meta")
+    if race_meta and (race_meta["commit"], race_meta["date"]) != (m["commit"], m["date"]):
+        lines.append(f"\nThe bits-per-byte race is from another run: commit {race_meta['commit']}, {race_meta['date']}, "
+                     f"{race_meta['device']}.")
     lines.append(f"\ngreedy outputs identical to HF's: {r['decode_same_tokens']}")
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ between the libraries).
 
 Writes bench/results/decode_vs_hf[_<device>][_<dtype>][_<model>][_<tag>].json (no suffixes for
 ``tiny`` on the CPU in fp32 or ``llama-1.1b`` on CUDA in bf16; ``--tag`` names another host) and a
-table in docs/benchmarks.md.
+table in docs/benchmarks.md (``--redraw`` redoes every such table from its JSON).
 
     python bench/decode_vs_hf.py [--threads 2] [--new-tokens 200] [--repeats 5]
     python bench/decode_vs_hf.py --device cuda --model llama-1.1b --dtype bf16
@@ -27,6 +27,7 @@ table in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ import lmstack
 from lmstack.generate import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hf_twin, meta, publish  # noqa: E402
+from common import ROOT, hf_twin, meta, publish, update_docs  # noqa: E402
 
 WORKLOADS = {"greedy batch 1": (1, 1), "greedy batch 8": (8, 1), "beam search, 4 beams": (1, 4)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -95,7 +96,14 @@ def main() -> int:
     ap.add_argument("--weight-scale", type=float, default=3.0)
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     ap.add_argument("--tag", default="", help="suffix for the result's name (another host: _<tag>)")
+    ap.add_argument("--redraw", action="store_true",
+                    help="measure nothing: redo the docs tables of every bench/results/decode_vs_hf*.json")
     args = ap.parse_args()
+    if args.redraw:
+        for path in sorted((ROOT / "bench" / "results").glob("decode_vs_hf*.json")):
+            update_docs(path.stem, render(json.loads(path.read_text())))
+            print(f"redrew {path.stem}")
+        return 0
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here; nothing measured")
@@ -116,7 +124,8 @@ def main() -> int:
     result_name += f"_{args.tag}" if args.tag else ""
     variants = {"lmstack": {}, "lmstack+compile": {"compile": True}}
     results = {"meta": meta(), "model": args.model, "dtype": args.dtype, "prompt_len": args.prompt_len,
-               "new_tokens": N, "workloads": {}}
+               "new_tokens": N, "repeats": args.repeats, "weight_scale": args.weight_scale, "threads": args.threads,
+               "workloads": {}}
     for wl, (B, beams) in WORKLOADS.items():
         ids = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g).to(device)
         fns = {name: (lambda kw=kw: generate(ours, ids, N, num_beams=beams, **kw).sequences)
@@ -131,6 +140,10 @@ def main() -> int:
                 do_sample=False, num_beams=beams, early_stopping=False, **kw)
         with torch.inference_mode():
             best, outs = timed(fns, args.repeats, device, optional=("hf static cache",))
+        for name, out in outs.items():  # tokens/s credits B x N tokens: each side must have made them all
+            if tuple(out.shape) != (B, args.prompt_len + N):
+                raise SystemExit(f"{wl}: {name} returned {tuple(out.shape)} tokens, not ({B}, {args.prompt_len} + {N}); "
+                                 f"its tokens/s would count tokens it did not generate")
         row: dict = {name: B * N / best[name] if name in best else None for name in [*variants, *hf_runs]}
         print(f"{wl}: " + ", ".join(f"{name} {rate(v)} tok/s" for name, v in row.items() if v is not None), flush=True)
         row["same_tokens"] = all(torch.equal(o, outs["hf"]) for o in outs.values())
@@ -148,7 +161,7 @@ def main() -> int:
 
 def rate(v: float) -> str:
     """tokens/s for a table: whole numbers from 100 up, three significant digits below (a 1B model on a CPU)."""
-    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+    return f"{v:,.0f}" if v >= 99.95 else f"{v:#.3g}"
 
 
 def render(r: dict) -> str:
@@ -159,7 +172,8 @@ def render(r: dict) -> str:
         f"device: {m['device']} | torch {m['torch']} | transformers {m['transformers']} | {m['date']} | "
         f"commit {m['commit']}",
         f"model: `{r['model']}` preset, {r['dtype']}, {r['prompt_len']}-token prompts, {r['new_tokens']} new tokens; "
-        "tokens/s = generated positions per prompt row per second",
+        "tokens/s = generated positions per prompt row per second"
+        + (f", best of {r['repeats']} rounds" if "repeats" in r else ""),
         "",
         "| workload | " + " | ".join(names) + " | lmstack / HF | lmstack+compile / HF | same tokens |",
         "|---|" + "---|" * (len(names) + 3),

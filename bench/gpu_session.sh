@@ -35,6 +35,7 @@ STEPS=" ${2:-tests kernels training decode rest} "  # a later session can run th
 START=$SECONDS
 LOGS=/tmp/lmstack-gpu-logs  # outside $OUT: only 8 files come back, so the logs travel as one archive
 rm -rf "$LOGS" && mkdir -p "$LOGS" "$OUT"
+STAMP=$LOGS/.started && touch "$STAMP"  # pack() returns only results written after this
 SUMMARY="$OUT/summary.txt"
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
@@ -75,13 +76,15 @@ step() {
   local rc=$?
   local verdict="rc $rc"
   [ $rc -eq 124 ] || [ $rc -eq 137 ] && verdict="CUT at its ${limit}s limit"
-  say "$name: $verdict after $(( SECONDS - t0 ))s | $(grep -E 'passed|failed|error' "$LOGS/$name.log" | tail -1)"
+  say "$name: $verdict after $(( SECONDS - t0 ))s | $(grep -E 'passed|failed|error|nothing measured' "$LOGS/$name.log" | tail -1)"
   tail -n 25 "$LOGS/$name.log"
   pack
 }
 
-pack() {
-  cp bench/results/attention.json bench/results/decode_vs_hf_cuda.json docs/benchmarks.md "$OUT/" 2>/dev/null
+pack() {  # the files this session wrote (the tree's older copies would pass for new results)
+  for f in bench/results/attention.json bench/results/decode_vs_hf_cuda.json docs/benchmarks.md; do
+    if [ -f "$f" ] && [ "$f" -nt "$STAMP" ]; then cp "$f" "$OUT/"; fi
+  done
   tar czf "$OUT/logs.tar.gz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"
 }
 

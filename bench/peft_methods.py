@@ -192,6 +192,7 @@ def main() -> int:
         print(f"plot: {plot(results, ROOT / 'docs' / 'img' / 'peft_methods.png')}")
         return 0
     budget = {k: getattr(args, k) for k in BUDGET}
+    torch.set_num_threads(args.threads)  # meta() records the thread count the children measure with
     results = {"meta": meta(), **budget, "base": None, "methods": {}, "ablations": {}}
     old = ROOT / "bench" / "results" / "peft_methods.json"
     if args.keep and old.exists():
