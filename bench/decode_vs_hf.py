@@ -147,6 +147,8 @@ def main() -> int:
         row: dict = {name: B * N / best[name] if name in best else None for name in [*variants, *hf_runs]}
         print(f"{wl}: " + ", ".join(f"{name} {rate(v)} tok/s" for name, v in row.items() if v is not None), flush=True)
         row["same_tokens"] = all(torch.equal(o, outs["hf"]) for o in outs.values())
+        # per row of each lmstack variant: the first new token that differs from HF's (None: none does)
+        row["first_difference"] = {name: first_differences(outs[name], outs["hf"], args.prompt_len) for name in variants}
         results["workloads"][wl] = row
         publish(result_name, results, render(results), docs=not args.no_docs, echo=False)  # a run cut short keeps these
 
@@ -159,6 +161,21 @@ def main() -> int:
     return 0
 
 
+def first_differences(ours: torch.Tensor, theirs: torch.Tensor, prompt_len: int) -> list[int | None]:
+    differ = ours[:, prompt_len:] != theirs[:, prompt_len:]
+    return [int(d.nonzero()[0]) + 1 if d.any() else None for d in differ]  # 1 = the first new token
+
+
+def same_cell(row: dict) -> str:
+    """"True", or "False" with how many rows part from HF's tokens, and where (over both variants)."""
+    if row["same_tokens"] or "first_difference" not in row:
+        return str(row["same_tokens"])
+    firsts = [min((f for f in col if f is not None), default=None) for col in zip(*row["first_difference"].values())]
+    parted = [f for f in firsts if f is not None]
+    where = f"token {parted[0]}" if len(set(parted)) == 1 else f"tokens {min(parted)}-{max(parted)}"
+    return f"False ({len(parted)}/{len(firsts)} rows part at new {where})"
+
+
 def rate(v: float) -> str:
     """tokens/s for a table: whole numbers from 100 up, three significant digits below (a 1B model on a CPU)."""
     return f"{v:,.0f}" if v >= 99.95 else f"{v:#.3g}"
@@ -166,7 +183,7 @@ def rate(v: float) -> str:
 
 def render(r: dict) -> str:
     m = r["meta"]
-    names = [k for k in next(iter(r["workloads"].values())) if k != "same_tokens"]
+    names = [k for k in next(iter(r["workloads"].values())) if k not in ("same_tokens", "first_difference")]
     theirs = [n for n in names if n.startswith("hf")]
     lines = [
         f"device: {m['device']} | torch {m['torch']} | transformers {m['transformers']} | {m['date']} | "
@@ -181,7 +198,7 @@ def render(r: dict) -> str:
     for wl, row in r["workloads"].items():
         cells = ["—" if row[n] is None else rate(row[n]) for n in names]
         ratios = [f"{row['lmstack'] / row['hf']:.2f}x", f"{row['lmstack+compile'] / row['hf']:.2f}x"]
-        lines.append(f"| {wl} | " + " | ".join(cells + ratios) + f" | {row['same_tokens']} |")
+        lines.append(f"| {wl} | " + " | ".join(cells + ratios) + f" | {same_cell(row)} |")
     if len(theirs) > 1:
         lines.append("\nHF's static cache row is transformers' fastest documented setting; ratios are against its default.")
     return "\n".join(lines)

@@ -521,3 +521,17 @@ def test_peft_methods_meta_records_the_measured_threads(sandbox, monkeypatch):
     r = json.loads((sandbox / "bench" / "results" / "peft_methods.json").read_text())
     assert r["methods"]["lora"]["accuracy"] == 0.25
     assert r["meta"]["device"].endswith(f"({threads} threads)"), r["meta"]["device"]
+
+
+def test_decode_same_tokens_cell_says_where_rows_part():
+    """first_differences: the 1-based new token where each row first differs from HF's (None: never);
+    the table's cell counts the rows that part and where, over both lmstack variants."""
+    mod = load_bench("decode_vs_hf")
+    hf = torch.tensor([[9, 9, 1, 2, 3], [9, 9, 1, 2, 3], [9, 9, 4, 5, 6]])
+    eager = torch.tensor([[9, 9, 1, 2, 3], [9, 9, 1, 7, 3], [9, 9, 4, 5, 6]])
+    compiled = torch.tensor([[9, 9, 1, 2, 3], [9, 9, 1, 2, 3], [9, 9, 4, 5, 0]])
+    firsts = {"lmstack": mod.first_differences(eager, hf, 2), "lmstack+compile": mod.first_differences(compiled, hf, 2)}
+    assert firsts == {"lmstack": [None, 2, None], "lmstack+compile": [None, None, 3]}
+    assert mod.same_cell({"same_tokens": False, "first_difference": firsts}) == "False (2/3 rows part at new tokens 2-3)"
+    assert mod.same_cell({"same_tokens": True, "first_difference": firsts}) == "True"
+    assert mod.same_cell({"same_tokens": False}) == "False"  # results written before the field existed

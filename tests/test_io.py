@@ -26,6 +26,8 @@ def test_next_write_removes_only_a_dead_writers_leftovers(tmp_path):
             f".ckpt.old-{host}-{dead}": False,  # killed between its two renames: removed
             f".ckpt.tmp-{host}-{live.pid}-xyz": True,  # still writing: kept
             f".ckpt.tmp-other-host-{dead}-q1": True,  # another machine on a shared disk: kept
+            f".ckpt.tmp-{host}-{dead}-{dead}-q3": True,  # a machine named "{host}-{dead}": kept
+            f".ckpt.old-{host}-{dead}-{dead}": True,
             f".ckpt2.tmp-{host}-{dead}-q2": True,  # another folder's: kept
             "ckpt.tmp-notes": True,
         }

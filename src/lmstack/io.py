@@ -13,6 +13,7 @@ import ctypes
 import glob
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -89,11 +90,11 @@ def _alive(pid: int) -> bool:
 def _remove_stale(final: Path, host: str) -> None:
     """Delete the siblings ``.NAME.tmp-HOST-PID-*`` and ``.NAME.old-HOST-PID`` that a writer on this
     host left when it was killed (a checkpoint's worth of disk each); a live writer's stay."""
-    for kind in ("tmp", "old"):
+    for kind, rest in (("tmp", re.compile(r"(\d+)-[^-]+")), ("old", re.compile(r"(\d+)"))):
         head = f".{final.name}.{kind}-{host}-"
         for p in final.parent.glob(glob.escape(head) + "*"):
-            pid = p.name[len(head):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            m = rest.fullmatch(p.name[len(head):])  # not another host whose name extends this one's
+            if m and not _alive(int(m[1])):
                 shutil.rmtree(p, ignore_errors=True)
 
 
