@@ -527,3 +527,14 @@ def test_micro_batches_of_consecutive_steps_are_drawn_independently(tiny_dataset
     t = Trainer(run_cfg(tiny_dataset, tmp_path, batch_size=1, grad_accum=1024), dataset=short_val, progress=False)
     same = [i for i in range(1009, 1024) if torch.equal(t._batch(0, i)[0], t._batch(1, i - 1009)[0])]
     assert not same, f"micro-batches {same} of step 0 repeat micro-batches {[i - 1009 for i in same]} of step 1"
+
+
+def test_stream_seeds_are_distinct_for_nearby_tuples_and_take_negative_seeds():
+    """stream_seed names one draw by its whole tuple: no two of these nearby tuples share a seed
+    (the old linear formula made (s, t, i + 1009) equal (s, t + 1, i)), and a negative run seed works."""
+    from lmstack.train.trainer import stream_seed
+
+    tuples = [(s, t, i) for s in (-1, 0, 1, 2) for t in range(30) for i in range(1100)]
+    seeds = {stream_seed(*tup) for tup in tuples}
+    assert len(seeds) == len(tuples)
+    assert all(0 <= x < 2**63 for x in seeds)  # what torch.Generator.manual_seed takes

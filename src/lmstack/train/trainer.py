@@ -115,8 +115,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def stream_seed(*parts: int) -> int:
     """A generator seed for the draw named by ``parts`` (seed, step, micro-batch ...): distinct
-    tuples give unrelated seeds (numpy's SeedSequence hashes the whole tuple)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+    tuples give unrelated seeds (numpy's SeedSequence hashes the whole tuple; a negative seed is
+    taken modulo 2**64)."""
+    return int(np.random.SeedSequence([int(p) % 2**64 for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class TrainingDiverged(RuntimeError):
