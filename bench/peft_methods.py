@@ -12,7 +12,7 @@ row, kept apart by document masks; prefix and ptuning_v2 add leading virtual tok
 rows cannot share, so they take one padded example per row, twice the optimizer steps on half-full
 rows. Each method uses the learning rate and options in METHODS, then answers the held-out
 questions greedily; the score is exact match. Each method runs in its own process so its peak
-memory is its own: peak RSS growth over the loaded base model and data (CPU) or peak allocated
+memory is its own: peak growth over the loaded base model and data, of RSS (CPU) or of allocated
 memory (CUDA).
 
 ABLATIONS are variants that are not a method's best setting, run only when named in ``--methods``
@@ -98,11 +98,11 @@ def run_one(args) -> dict:
     cuda = ft.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    before = _rss_mb("VmRSS")
+    before = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb("VmRSS")  # the loaded model and data
     t0 = time.perf_counter()
     ft.train()
     train_s = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb("VmHWM") - before
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb("VmHWM")) - before
     steps = [r for r in ft.read_metrics() if "tok_per_s" in r]
     # step time: elapsed between the logged steps after the first window (warm-up excluded)
     times = [(b["elapsed"] - a["elapsed"]) / (b["step"] - a["step"]) for a, b in zip(steps[1:], steps[2:])]
