@@ -66,6 +66,14 @@ def no_special_tokens(h):
     return h
 
 
+def hf_generate(h, ids, mask, n, **kw):
+    """HF ``generate`` greedy or beam search with scores: (sequences, sequences_scores or None)."""
+    with torch.no_grad():
+        out = h.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, **kw)
+    return out.sequences, getattr(out, "sequences_scores", None)
+
+
 def ragged_batch(lengths, seed=0, *, vocab=128, pad=127):
     """Random prompts of the given lengths (ids below ``pad``), left-padded with ``pad``:
     ids (B, T), mask (B, T) 0 at padding."""

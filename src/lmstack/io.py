@@ -106,8 +106,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     made = [p for p in reversed(final.parents) if not p.exists()]  # parent folders this call creates
     final.parent.mkdir(parents=True, exist_ok=True)
-    owner = f"{socket.gethostname()}-{os.getpid()}"
-    _remove_stale(final, socket.gethostname())
+    host = socket.gethostname()
+    owner = f"{host}-{os.getpid()}"
+    _remove_stale(final, host)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{owner}-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:

@@ -10,7 +10,7 @@ import torch
 
 from lmstack.generate import generate
 
-from ..hf_models import no_special_tokens, ragged_batch, tiny_hf
+from ..hf_models import hf_generate, no_special_tokens, ragged_batch, tiny_hf
 
 pytest.importorskip("transformers")
 
@@ -24,15 +24,6 @@ def llama():
     return no_special_tokens(h), m
 
 
-def hf_beam(h, ids, mask, n, **kw):
-    with torch.no_grad():
-        out = h.generate(
-            ids, attention_mask=mask, max_new_tokens=n, do_sample=False, output_scores=True,
-            return_dict_in_generate=True, **kw,
-        )
-    return out.sequences, out.sequences_scores
-
-
 def eos_from_greedy(h, ids, mask, step=3):
     """A token the model does emit: the greedy continuation of prompt 0 at ``step``."""
     with torch.no_grad():
@@ -41,7 +32,7 @@ def eos_from_greedy(h, ids, mask, step=3):
 
 
 def assert_matches_hf(h, m, ids, mask, n, **kw):
-    ref, ref_scores = hf_beam(h, ids, mask, n, **kw)
+    ref, ref_scores = hf_generate(h, ids, mask, n, **kw)
     out = generate(m, ids, n, attention_mask=mask, **kw)
     assert out.sequences.shape == ref.shape, (out.sequences.shape, ref.shape)
     assert torch.equal(out.sequences, ref), (out.sequences[:, ids.shape[1]:], ref[:, ids.shape[1]:])
@@ -60,7 +51,7 @@ def batch(llama):
     so one prompt finishes early while the other runs to the length limit)."""
     h, _ = llama
     ids, mask = ragged_batch([6, 11])
-    ref, _ = hf_beam(h, ids, mask, 16, num_beams=4, num_return_sequences=4, eos_token_id=EOS, pad_token_id=PAD)
+    ref, _ = hf_generate(h, ids, mask, 16, num_beams=4, num_return_sequences=4, eos_token_id=EOS, pad_token_id=PAD)
     assert (ref[4:, ids.shape[1]:] == EOS).any(dim=1).all()  # prompt 1's hypotheses all end on EOS
     return ids, mask, EOS
 

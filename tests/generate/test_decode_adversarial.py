@@ -19,7 +19,7 @@ import torch
 from lmstack.generate import generate, generate_stream
 from lmstack.interop import from_hf
 
-from ..hf_models import load_hf, no_special_tokens, ragged_batch, tiny_hf
+from ..hf_models import hf_generate, load_hf, no_special_tokens, ragged_batch, tiny_hf
 
 pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -34,14 +34,6 @@ PAD = V - 1
 def llama():
     h, m = tiny_hf("llama", scale=3.0, seed=7)
     return no_special_tokens(h), m
-
-
-def hf_gen(h, ids, mask, n, **kw):
-    """HF generate, greedy or beam; returns (sequences, sequences_scores or None)."""
-    with torch.no_grad():
-        out = h.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, output_scores=True,
-                         return_dict_in_generate=True, **kw)
-    return out.sequences, getattr(out, "sequences_scores", None)
 
 
 def assert_same(out, ref, ref_scores=None, what=""):
@@ -72,8 +64,8 @@ def test_attention_mask_with_interior_holes_matches_hf(seed, family):
     mask[1, :4] = 0  # left padding and a hole
     mask[1, 7] = 0
     mask[2, 9] = 0  # a hole right before the last token
-    ref, _ = hf_gen(h, ids, mask, 12, pad_token_id=PAD)
-    ref_b, ref_s = hf_gen(h, ids, mask, 12, pad_token_id=PAD, num_beams=3, num_return_sequences=2)
+    ref, _ = hf_generate(h, ids, mask, 12, pad_token_id=PAD)
+    ref_b, ref_s = hf_generate(h, ids, mask, 12, pad_token_id=PAD, num_beams=3, num_return_sequences=2)
     for static in (False, True):
         assert_same(generate(m, ids, 12, attention_mask=mask, pad_token_id=PAD, static_cache=static), ref,
                     what=f"greedy static={static}")
@@ -90,7 +82,7 @@ def test_prompts_ending_in_eos_and_eos_padding_match_hf(seed, llama):
     g = torch.Generator().manual_seed(seed)
     ids, mask = ragged_batch([6, 2, 9], seed=seed % 1000, pad=PAD)
     T = ids.shape[1]
-    free, _ = hf_gen(h, ids, mask, 10, pad_token_id=PAD)
+    free, _ = hf_generate(h, ids, mask, 10, pad_token_id=PAD)
     eos = int(free[1, T + 2])
     prompts = [row[k.bool()].tolist() for row, k in zip(ids, mask)]
     prompts[0][-1] = eos  # ends in EOS
@@ -102,7 +94,7 @@ def test_prompts_ending_in_eos_and_eos_padding_match_hf(seed, llama):
     other = int(free[0, T + 4])
     for e in (eos, [eos, V + 9, other]):
         for kw in (dict(), dict(num_beams=3, num_return_sequences=3), dict(num_beams=2, early_stopping=True)):
-            ref, scores = hf_gen(h, hid, hmask, 12, eos_token_id=e, **kw)
+            ref, scores = hf_generate(h, hid, hmask, 12, eos_token_id=e, **kw)
             assert_same(generate(m, prompts, 12, eos_token_id=e, **kw), ref, scores, what=f"{e} {kw}")
 
 
@@ -116,8 +108,8 @@ def test_generation_up_to_the_last_context_slot_matches_hf(seed, family):
     no_special_tokens(h)
     ids, mask = ragged_batch([13, 3], seed=seed % 1000, pad=PAD)
     n = ctx - ids.shape[1]
-    ref, _ = hf_gen(h, ids, mask, n, pad_token_id=PAD)
-    ref_b, ref_s = hf_gen(h, ids, mask, n, pad_token_id=PAD, num_beams=3, num_return_sequences=2)
+    ref, _ = hf_generate(h, ids, mask, n, pad_token_id=PAD)
+    ref_b, ref_s = hf_generate(h, ids, mask, n, pad_token_id=PAD, num_beams=3, num_return_sequences=2)
     for static in (False, True):
         assert_same(generate(m, ids, n, attention_mask=mask, pad_token_id=PAD, static_cache=static), ref,
                     what=f"greedy static={static}")
@@ -171,7 +163,7 @@ def test_dynamic_ntk_beam_and_static_cache_match_hf(tmp_path, seed):
     ids, mask = ragged_batch([38, 9], seed=seed % 1000, pad=PAD)
     for kw in (dict(), dict(num_beams=3, num_return_sequences=3), dict(num_beams=2, length_penalty=2.0,
                                                                        early_stopping="never")):
-        ref, scores = hf_gen(no_special_tokens(load_hf(tmp_path / "hf")), ids, mask, 30, pad_token_id=PAD, **kw)
+        ref, scores = hf_generate(no_special_tokens(load_hf(tmp_path / "hf")), ids, mask, 30, pad_token_id=PAD, **kw)
         for static in (False, True):
             out = generate(m, ids, 30, attention_mask=mask, pad_token_id=PAD, static_cache=static, **kw)
             assert_same(out, ref, scores if kw else None, what=f"{kw} static={static}")
@@ -192,7 +184,7 @@ def test_seeded_fuzz_greedy_and_beam_match_hf(seed):
         ids, mask = ragged_batch([rnd.randint(1, 14) for _ in range(rnd.randint(1, 3))], seed=rnd.randint(0, 999),
                                  pad=PAD)
         T, n = ids.shape[1], rnd.randint(1, 16)
-        free, _ = hf_gen(h, ids, mask, n, pad_token_id=PAD)
+        free, _ = hf_generate(h, ids, mask, n, pad_token_id=PAD)
         toks = free[:, T:].flatten().tolist()
         eos = rnd.choice([None, rnd.choice(toks), [rnd.choice(toks), rnd.choice(toks)], [rnd.choice(toks), V + 3]])
         kw = dict(eos_token_id=eos, pad_token_id=rnd.choice([PAD, None]) if eos is not None else PAD)
@@ -202,7 +194,7 @@ def test_seeded_fuzz_greedy_and_beam_match_hf(seed):
         if N > 1:
             kw.update(num_beams=N, num_return_sequences=rnd.randint(1, N), early_stopping=rnd.choice([True, False, "never"]),
                       length_penalty=rnd.choice([-1.0, 0.0, 0.5, 1.0, 2.0]))
-        ref, scores = hf_gen(h, ids, mask, n, **kw)
+        ref, scores = hf_generate(h, ids, mask, n, **kw)
         static = rnd.random() < 0.3
         out = generate(m, ids, n, attention_mask=mask, static_cache=static, **kw)
         assert_same(out, ref, scores if N > 1 else None, what=f"case {case}: {fam} n={n} static={static} {kw}")
@@ -219,10 +211,10 @@ def test_pad_token_id_outside_the_vocabulary_is_refused_or_harmless(seed, llama)
     h, m = llama
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, PAD, (3, 5), generator=g)
-    free, _ = hf_gen(h, ids, None, 10, pad_token_id=PAD)
+    free, _ = hf_generate(h, ids, None, 10, pad_token_id=PAD)
     for t in free[0, 5:].tolist():  # an EOS id that ends row 0 while another row goes on
         eos = [t]
-        ref, _ = hf_gen(h, ids, None, 10, eos_token_id=eos, pad_token_id=PAD)
+        ref, _ = hf_generate(h, ids, None, 10, eos_token_id=eos, pad_token_id=PAD)
         if after_first(ref[:, 5:], eos).any():
             break
     assert after_first(ref[:, 5:], eos).any(), "every row ended at once: nothing checked"
@@ -290,7 +282,7 @@ def test_numpy_integer_beam_counts_work_like_ints(seed, llama):
     max_new_tokens and the seed take numpy integers (``is_int``). They must act as their ints."""
     h, m = llama
     ids, mask = ragged_batch([5, 8], seed=seed % 1000, pad=PAD)
-    ref, scores = hf_gen(h, ids, mask, 8, pad_token_id=PAD, num_beams=3, num_return_sequences=2)
+    ref, scores = hf_generate(h, ids, mask, 8, pad_token_id=PAD, num_beams=3, num_return_sequences=2)
     out = generate(m, ids, np.int64(8), attention_mask=mask, pad_token_id=PAD, num_beams=np.int64(3),
                    num_return_sequences=np.int64(2))
     assert_same(out, ref, scores)
