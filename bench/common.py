@@ -64,7 +64,12 @@ def update_docs(section: str, body: str) -> None:
     start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
     block = f"{start}\n{body}\n{end}"
     if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        i = text.index(start)
+        j = text.find(end, i)
+        if j < 0:
+            raise ValueError(f"{path}: {start} has no {end} after it; restore the end marker (or remove the "
+                             f"section) and rerun")
+        text = text[:i] + block + text[j + len(end):]
     else:
         text = text.rstrip() + f"\n\n{block}\n"
     atomic_write_text(path, text)

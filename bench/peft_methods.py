@@ -224,7 +224,7 @@ def render(r: dict) -> str:
         f"{b['n_train']:,} training questions, {r['batch']} rows of {r['seq_len']} tokens per step, \"{r['template']}\" template; "
         f"exact match on {r['eval_n']} held-out questions (before: {b['accuracy']:.1%}, "
         f"which play {b['by_kind'].get('play', 0):.1%}, who speaks {b['by_kind'].get('speaker', 0):.1%})",
-        *([f"rows measured at more than one commit (--keep): "
+        *(["rows measured at more than one commit (--keep): "
            + ", ".join(f"{n} {x.get('commit', '?')}" for n, x in rows(r))]
           if len({x.get("commit") for _, x in rows(r)}) > 1 else []),
         "",

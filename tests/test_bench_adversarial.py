@@ -484,6 +484,17 @@ def test_update_docs_replaces_only_its_section(sandbox, seed):
     assert path.read_text().startswith(original.rstrip()) and _docs_section(path.read_text(), "brand_new") == "x"
 
 
+def test_update_docs_refuses_a_section_without_its_end_marker(sandbox):
+    import common
+
+    path = sandbox / "docs" / "benchmarks.md"
+    path.write_text("# Benchmarks\n\n<!-- a -->\nold\n\n<!-- /b -->\nkept\n")
+    before = path.read_text()
+    with pytest.raises(ValueError, match="<!-- a --> has no <!-- /a --> after it"):
+        common.update_docs("a", "new")
+    assert path.read_text() == before  # nothing lost
+
+
 # -- peft_methods: what the JSON says about the run ---------------------------------------------------
 
 

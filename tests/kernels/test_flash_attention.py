@@ -151,11 +151,7 @@ def test_varlen_matches_per_sequence_reference(seed, case):
     check_grads(out, ref, (q32, k32, v32), (q, k, v))
 
 
-@pytest.mark.parametrize("dtype", [
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-        DEVICE == "cpu", reason="the Triton interpreter (seen in 3.9) multiplies bf16 tiles as raw uint16 bits")),
-])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])  # bf16 in the interpreter: kernels in fp32
 def test_half_precision_inputs(seed, dtype):
     q, k, v = leaves((1, 40, 2, 64), (1, 40, 1, 64), (1, 40, 1, 64))
     qh, kh, vh = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
@@ -218,6 +214,28 @@ def test_attention_backend_triton(seed, mode):
     assert out.shape == (B, Hq, Tq, D)
     assert_close(out, ref, "out")
     check_grads(out, ref, (q32, k32, v32), (q, k, v))
+
+
+@pytest.mark.parametrize("docs", [False, True])
+def test_triton_backend_follows_autocast(seed, docs):
+    """Under autocast (here the CPU's, bf16) q/k/v arrive in fp32: the triton backend casts them as
+    autocast does for SDPA, so both give bf16 outputs and fp32 leaves get gradients."""
+    kw = {"seqs": Seqs.from_doc_ids(torch.tensor([[0] * 7 + [1] * 10]).to(DEVICE))} if docs else {}
+    q, k, v = leaves((1, 4, 17, 32), (1, 2, 17, 32), (1, 2, 17, 32))
+    ref = attention(q, k, v, backend="reference", **kw)
+    outs, grads = [], []
+    for backend in ("triton", "sdpa"):
+        x = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            o = attention(*x, backend=backend, **kw)
+        assert o.dtype == torch.bfloat16
+        o.float().square().sum().backward()
+        outs.append(o)
+        grads.append([t.grad for t in x])
+    for o in outs:
+        assert rel_err(o, ref) < 2e-2
+    for a, b in zip(*grads):
+        assert a.dtype == torch.float32 and rel_err(a, b.double()) < 5e-2
 
 
 def test_auto_backend_is_sdpa_off_gpu():

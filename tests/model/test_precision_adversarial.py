@@ -382,6 +382,18 @@ def test_from_hf_auto_dtype_follows_the_config_field_as_hf(tmp_path, seed, key, 
         assert {p.dtype for p in from_hf(path, dtype=dtype).parameters()} == {want}, dtype
 
 
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_from_hf_auto_written_in_config_json_means_the_stored_dtype(tmp_path, seed, stored):
+    family, fields, _ = CASES["qwen2-bias-untied-mha"]
+    path = _save(_hf_model(family, fields, seed).to(stored), tmp_path / "hf")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = "auto"
+    (path / "config.json").write_text(json.dumps(cfg))
+    for dtype in (None, "auto"):
+        assert {p.dtype for p in from_hf(path, dtype=dtype).parameters()} == {stored}, dtype
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_to_hf_of_half_model_reloads_as_the_same_model(tmp_path, seed, dtype):
     """to_hf of a bf16 / fp16 model writes its dtype (tensors and config), and transformers'

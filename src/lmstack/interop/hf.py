@@ -204,14 +204,14 @@ def from_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: st
     files = _weight_files(path)
     if dtype is None:
         named = hf.get("dtype") or hf.get("torch_dtype")
-        if named is None:
-            dtype = stored_dtype(next(iter(files.values()))) if files else torch.float32
-        else:
+        if named is not None:  # "auto" written in config.json means what it says: the stored dtype
             try:
                 dtype = parse_dtype(named) if named != "float64" else torch.float64
             except ValueError:
                 raise ValueError(f"{cfg_file}: dtype {named!r} is not one lmstack loads; pass dtype= (float32, "
                                  f"bfloat16, float16)") from None
+        if dtype is None:
+            dtype = stored_dtype(next(iter(files.values()))) if files else torch.float32
     model = Transformer.empty(cfg, dtype=dtype, device=device)  # allocated once, in the target dtype
     expected = model.stored_state_dict()
     missing = [k for k in expected if _hf_name(k) not in files]

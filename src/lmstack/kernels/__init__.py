@@ -17,9 +17,9 @@ static-shape KV cache attends over its whole buffer, filled only up to the query
   through Triton's interpreter (``TRITON_INTERPRET=1``).
 
 ``backend=None`` picks ``"triton"`` when q is a CUDA tensor in fp16/bf16 (or under CUDA autocast to
-one of them, which then casts q/k/v as it would for SDPA) with a supported head dim, triton
-imports, there is no ``key_valid`` and more than one query (single-token decoding keeps SDPA's
-folded-GQA path); otherwise ``"sdpa"``. Plain fp32 runs on ``"triton"`` only when asked for.
+one of them) with a supported head dim, triton imports, there is no ``key_valid`` and more than one query (single-token decoding keeps SDPA's
+folded-GQA path); otherwise ``"sdpa"``. Plain fp32 runs on ``"triton"`` only when asked for. Under
+autocast (CUDA or CPU) the triton backend casts q/k/v to autocast's dtype, as autocast does for SDPA.
 
 This package imports nothing else from lmstack.
 """
@@ -124,14 +124,19 @@ def _triton_importable() -> bool:
 
 
 def _autocast_dtype(q: torch.Tensor) -> torch.dtype | None:
-    """The dtype CUDA autocast would run attention in (SDPA is on its lower-precision list), else None.
-    Under autocast q/k/v usually arrive in fp32 (RoPE multiplies by fp32 tables)."""
-    if q.device.type != "cuda":
+    """The dtype autocast on q's device would run attention in (SDPA is on the lower-precision list of
+    both CUDA and CPU autocast), else None. Under autocast q/k/v usually arrive in fp32 (RoPE
+    multiplies by fp32 tables)."""
+    device = q.device.type
+    if device not in ("cuda", "cpu"):
         return None
     try:
-        enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
     except (TypeError, AttributeError):  # older torch spellings
-        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        if device == "cuda":
+            enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        else:
+            enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
     return dtype if enabled else None
 
 

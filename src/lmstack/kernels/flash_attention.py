@@ -26,7 +26,8 @@ of a query block is split into masked / unmasked / masked segments up front. Hea
 not a power of two (96) are padded to the next one inside the block, with masked loads and stores.
 
 With ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on the CPU through
-Triton's interpreter with small fixed blocks; on a GPU the block sizes are autotuned per head dim.
+Triton's interpreter with small fixed blocks (bf16 inputs in fp32, as the interpreter's bf16 products
+are wrong); on a GPU the block sizes are autotuned per head dim.
 """
 
 from __future__ import annotations
@@ -634,6 +635,12 @@ def _check(q, k, v, rank, window_size, dropout_p):
         raise ValueError(f"dropout_p={dropout_p}: attention dropout is not implemented, use 0.0")
 
 
+def _interpreter_bf16(q) -> bool:
+    """Triton's interpreter (seen in 3.9) multiplies bf16 tiles as raw uint16 bits (``tl.dot`` is off by
+    ~1e10), so on the CPU bf16 attention runs the kernels in fp32 and rounds the output to bf16."""
+    return INTERPRET and not q.is_cuda and q.dtype == torch.bfloat16
+
+
 def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), dropout_p=0.0,
                     return_lse=False):
     """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) with Hq % Hkv == 0 -> out (B, Sq, Hq, D).
@@ -645,6 +652,10 @@ def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, window_size=(-
     _check(q, k, v, 4, window_size, dropout_p)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"q and k/v batch sizes differ: {q.shape[0]} vs {k.shape[0]}")
+    if _interpreter_bf16(q):
+        out, lse = flash_attn_func(q.float(), k.float(), v.float(), causal=causal, softmax_scale=softmax_scale,
+                                   window_size=window_size, return_lse=True)
+        return (out.bfloat16(), lse) if return_lse else out.bfloat16()
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     out, lse = _FlashAttn.apply(q, k, v, None, None, q.shape[1], k.shape[1], bool(causal), scale,
                                 int(window_size[0]), int(window_size[1]))
@@ -676,6 +687,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lens < 0).any()) or int(lens.max()) > mx:
                 raise ValueError(f"cu_seqlens_{name} must rise from 0 to {total} (the {name} tokens) in steps "
                                  f"of at most max_seqlen_{name}={mx}, got {cu.tolist()}")
+    if _interpreter_bf16(q):
+        out, lse = flash_attn_varlen_func(q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                          max_seqlen_k, causal=causal, softmax_scale=softmax_scale,
+                                          window_size=window_size, return_lse=True)
+        return (out.bfloat16(), lse) if return_lse else out.bfloat16()
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     out, lse = _FlashAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                 bool(causal), scale, int(window_size[0]), int(window_size[1]))
