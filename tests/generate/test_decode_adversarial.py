@@ -297,3 +297,29 @@ def test_nan_length_penalty_is_a_clear_error(seed, llama):
     prompt = [torch.randint(0, PAD, (5,), generator=g).tolist()]
     with pytest.raises(ValueError, match="length_penalty"):
         generate(m, prompt, 6, num_beams=2, length_penalty=math.nan)
+
+
+# -- logits with no distribution ----------------------------------------------------------------
+def test_sampling_from_non_finite_logits_raises_as_hf(llama, seed):
+    """HF's sampling raises (torch.multinomial) when the processed logits hold NaN or inf; lmstack
+    drew token 0 for such rows without a word. Greedy takes the argmax in both libraries."""
+    h, m = llama
+    ids = torch.randint(0, V - 1, (2, 5), generator=torch.Generator().manual_seed(seed))
+    with pytest.raises(RuntimeError):  # logits / 1e-44 overflow to +-inf, softmax gives NaN
+        h.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1e-44, top_k=0,
+                   max_new_tokens=3)
+    with pytest.raises(ValueError, match="no distribution to draw from"):
+        generate(m, ids, 3, temperature=1e-44, seed=seed)
+    with pytest.raises(ValueError, match="no distribution to draw from"):
+        list(generate_stream(m, ids[0], 3, temperature=1e-44, seed=seed))
+    assert generate(m, ids, 3, temperature=0.7, top_p=0.9, seed=seed).sequences.shape == (2, 8)  # finite: no error
+    with torch.no_grad():
+        w = m.lm_head.weight
+        saved = w[3].clone()
+        w[3] = float("nan")  # one NaN logit per row makes the whole softmax NaN
+        try:
+            with pytest.raises(ValueError, match="no distribution to draw from"):
+                generate(m, ids, 2, temperature=1.0, seed=seed)
+            generate(m, ids, 2)  # greedy: argmax, as HF's greedy search, no error
+        finally:
+            w[3] = saved

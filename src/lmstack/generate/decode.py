@@ -454,19 +454,35 @@ def make_chooser(
 ):
     """A function (logits (B, V), ids so far (B, t), mask (B, t) | None) -> next tokens (B,).
 
-    Plain greedy gets a bare argmax: the decode loop calls this every step.
+    Plain greedy gets a bare argmax: the decode loop calls this every step. ``choose.check()``
+    raises if sampling met a row with no distribution (NaN or inf logits), where HF's
+    ``torch.multinomial`` raises: the draws record it on the device, so checking costs one sync.
     """
     penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
     if is_greedy(temperature) and penalty is None:
-        return lambda logits, ids, mask: logits.argmax(dim=-1)
+        choose = lambda logits, ids, mask: logits.argmax(dim=-1)  # noqa: E731
+        choose.check = lambda: None
+        return choose
     kw = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, repetition_penalty=penalty
     )
+    invalid: list[torch.Tensor] = []  # a () bool flag on the logits' device, made at the first draw
 
     def choose(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         scores = process_logits(logits.float(), ids, input_mask=mask, **kw)
-        return scores.argmax(dim=-1) if is_greedy(temperature) else sample(scores, generator)
+        if is_greedy(temperature):
+            return scores.argmax(dim=-1)
+        if not invalid:
+            invalid.append(torch.zeros((), dtype=torch.bool, device=logits.device))
+        return sample(scores, generator, invalid[0])
 
+    def check() -> None:
+        if invalid and bool(invalid[0]):
+            raise ValueError(f"sampling met logits with no distribution to draw from (NaN or inf; temperature="
+                             f"{temperature}): the model's outputs are not finite (weights, fp16 overflow?) or "
+                             f"logits / temperature overflowed; check the model, or raise the temperature")
+
+    choose.check = check
     return choose
 
 
@@ -568,6 +584,7 @@ def generate(
     )
     with cpu_decode_layout(model, compiled=compile), contextlib.closing(steps), torch.inference_mode():
         seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0, steps=steps)
+    choose.check()
     return GenerateOutput(sequences=seq)
 
 
@@ -673,6 +690,7 @@ def stream_loop(
         for step in range(max_new_tokens):
             tok = choose(logits, seq[:, : T + step], None)  # (1,)
             token = int(tok)  # the one host sync streaming needs
+            choose.check()
             if token in eos:
                 return
             yield token

@@ -132,12 +132,18 @@ def process_logits(
     return logits
 
 
-def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(logits: torch.Tensor, generator: torch.Generator | None = None,
+           invalid: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token per row from softmax(logits) (B, V) -> (B,), without a host sync.
 
     Exponential race: argmax(p / E), E ~ Exp(1). -inf logits have p = 0 and are never drawn.
+    ``invalid``, a bool tensor of shape (), is set in place (still without a sync) when some row
+    has no distribution to draw from (a NaN or +inf logit, or all -inf): that row's draw means
+    nothing, and the caller should raise, as ``torch.multinomial`` (so HF) does.
     """
     probs = torch.softmax(logits.float(), dim=-1)
+    if invalid is not None:
+        invalid |= probs[:, 0].isnan().any()  # any NaN/inf logit, or none finite, makes the whole row NaN
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     # Some backends can draw E = 0 exactly; 0 / 0 = nan would make argmax pick a removed token.
     race.clamp_(min=torch.finfo(race.dtype).tiny)

@@ -68,6 +68,9 @@ def attention(
     if window is not None and window < 1:
         raise ValueError(f"window={window}: a query sees itself and the window - 1 keys before it, so the "
                          f"window must be >= 1 (None: no window)")
+    if seqs is not None and tuple(seqs.doc_ids.shape) != (B, Tq):
+        raise ValueError(f"seqs describe a {tuple(seqs.doc_ids.shape)} batch of documents but the queries are "
+                         f"({B}, {Tq}); build them from this batch (Seqs.from_doc_ids / from_eos)")
     backend = backend or _auto_backend(q, key_valid)
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {BACKENDS}")
@@ -80,8 +83,8 @@ def attention(
     if unmasked and (Tq == 1 or not causal):  # e.g. decoding one token: every cached key is visible
         mask = None
         causal = False
-    elif unmasked and Tq == Tk:  # plain causal
-        mask = None
+    elif unmasked and Tq == Tk and (scale is None or scale > 0):  # plain causal
+        mask = None  # (torch's CPU kernel scales after masking: -inf * 0 = NaN, so scale <= 0 takes a mask)
     else:
         mask = attention_mask(
             Tq, Tk, causal=causal, window=window, doc_ids=None if seqs is None else seqs.doc_ids,
@@ -160,8 +163,8 @@ def _triton(q, k, v, *, causal, seqs, window, scale):
 
     B, Hq, Tq, D = q.shape
     cast = _autocast_dtype(q)
-    if cast is not None:  # what autocast does for SDPA; the kernels are invisible to autocast
-        q, k, v = q.to(cast), k.to(cast), v.to(cast)
+    if cast is not None:  # what autocast does for SDPA (which leaves float64 alone); the kernels are invisible to it
+        q, k, v = (t if t.dtype == torch.float64 else t.to(cast) for t in (q, k, v))
     # Our window W: each query sees itself and the W - 1 keys before it; causal adds right = 0.
     window_size = (-1 if window is None else window - 1, -1)
     if seqs is None:

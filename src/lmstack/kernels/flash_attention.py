@@ -578,6 +578,7 @@ class _FlashAttn(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: create_graph=True raises, not drops terms
     def backward(ctx, do, _dlse):
         q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
         max_q, max_k, scale, left, right, varlen, n_seq = ctx.args
@@ -667,8 +668,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """Packed sequences: q (total_q, Hq, D), k/v (total_k, Hkv, D); sequence i holds tokens
     cu_seqlens[i]:cu_seqlens[i + 1] (int32, (n + 1,)) -> out (total_q, Hq, D).
 
-    ``max_seqlen_*`` must be at least the longest sequence (it sizes the launch grid; values are
-    not read back from the device). ``return_lse=True`` also returns the logsumexp, (Hq, total_q).
+    ``max_seqlen_*`` must be at least the longest sequence (it sizes the launch grid). On the CPU
+    bad cu_seqlens raise a ValueError; on a GPU they are checked on the device without a sync, and
+    a bad one stops the program with a device-side assertion instead of returning garbage. ``return_lse=True`` also returns the logsumexp, (Hq, total_q).
     """
     _check(q, k, v, 3, window_size, dropout_p)
     # the kernels read cu_seqlens[b] and [b + 1] as neighbours in memory: a strided view must be copied
@@ -680,13 +682,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k hold different numbers of sequences: "
                          f"{cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1}")
-    if not q.is_cuda:  # cheap to check here; on a GPU it would cost a device sync per call
-        for name, cu, total, mx in (("q", cu_seqlens_q, q.shape[0], max_seqlen_q),
-                                    ("k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
-            lens = cu[1:] - cu[:-1]
+    for name, cu, total, mx in (("q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                ("k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        lens = cu[1:] - cu[:-1]
+        if not q.is_cuda:  # cheap to check here
             if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lens < 0).any()) or int(lens.max()) > mx:
                 raise ValueError(f"cu_seqlens_{name} must rise from 0 to {total} (the {name} tokens) in steps "
                                  f"of at most max_seqlen_{name}={mx}, got {cu.tolist()}")
+        else:  # a sync per call would stall the GPU: the device checks and stops the program if they fail
+            torch._assert_async(((cu[0] == 0) & (cu[-1] == total) & (lens >= 0).all() & (lens <= mx).all()),
+                                f"flash_attn_varlen_func: cu_seqlens_{name} must rise from 0 to {total} in steps of "
+                                f"at most max_seqlen_{name}={mx} (the grid is sized from it)")
     if _interpreter_bf16(q):
         out, lse = flash_attn_varlen_func(q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                           max_seqlen_k, causal=causal, softmax_scale=softmax_scale,

@@ -88,6 +88,8 @@ def attention_ref(
     if mask is not None:
         s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))
     p = torch.softmax(s, dim=-1)
+    if mask is not None:  # a query that sees no key (more queries than keys, causal) outputs 0, as the kernels
+        p = p.masked_fill(~mask.unsqueeze(2).any(-1, keepdim=True), 0.0)
     o = torch.einsum("bhgqk,bhkd->bhgqd", p, v.to(acc))
     return o.reshape(B, Hq, Tq, D).to(q.dtype)
 

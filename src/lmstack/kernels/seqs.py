@@ -52,7 +52,8 @@ class Seqs:
         positions = (idx - last_start).view(B, T)
         starts = idx[flat_start]
         cu = torch.cat([starts, idx.new_tensor([B * T])]).to(torch.int32)
-        max_seqlen = int((cu[1:] - cu[:-1]).max().item())
+        lens = cu[1:] - cu[:-1]
+        max_seqlen = int(lens.max()) if lens.numel() else 0  # an empty batch has no documents
         # Renumber documents so ids are unique across the whole batch (row boundaries split docs).
         ids = torch.cumsum(flat_start.long(), 0).view(B, T) - 1
         return cls(doc_ids=ids, positions=positions, cu_seqlens=cu, max_seqlen=max_seqlen)
