@@ -23,7 +23,6 @@ require_kernels()
 
 import lmstack  # noqa: E402
 from lmstack.kernels import Seqs, attention  # noqa: E402
-from lmstack.kernels import flash_attention as fa  # noqa: E402
 from lmstack.kernels.flash_attention import flash_attn_func, flash_attn_varlen_func  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -61,8 +61,20 @@ CONFIG_FIELDS = {
     "head_dim": (_INT, False), "max_position_embeddings": (_INT, False), "original_max_position_embeddings": (_INT, False),
     "rms_norm_eps": (_NUM, False), "initializer_range": (_NUM, False), "rope_theta": (_NUM, False),
     "tie_word_embeddings": ((bool,), False), "sliding_window": (_INT, False),
-    "rope_scaling": ((dict,), False), "rope_parameters": ((dict,), False),
+    "rope_scaling": ((dict,), False), "rope_parameters": ((dict,), False), "max_window_layers": (_INT, False),
+    "layer_types": ((list,), False),
 }
+
+
+# What each transformers config class assumes for a key config.json leaves out (an explicit null
+# keeps its own meaning: no window, or as many K/V heads as query heads).
+FAMILY_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "max_window_layers": 28},
+    "mistral": {"max_position_embeddings": 131072, "num_key_value_heads": 8, "sliding_window": 4096},
+}
+# numbers with no meaning as null (transformers 5 refuses them, 4.x fails later)
+NOT_NULL = ("rms_norm_eps", "initializer_range", "rope_theta", "max_position_embeddings")
 
 
 def _is(value: Any, kinds: tuple[type, ...]) -> bool:
@@ -71,16 +83,21 @@ def _is(value: Any, kinds: tuple[type, ...]) -> bool:
 
 
 def _check_fields(hf: dict[str, Any], path: Path) -> None:
-    """One-line errors for a config.json that lacks a size or holds a field of
-    the wrong type (null counts as absent, as transformers reads it)."""
+    """One-line errors for a config.json that lacks a size or holds a field of the wrong type (null
+    counts as absent, as transformers reads it, except for the numbers in ``NOT_NULL``)."""
     for key, (kinds, required) in CONFIG_FIELDS.items():
         value = hf.get(key)
         if value is None:
             if required:
                 raise ValueError(f"{path}: required field {key!r} is missing; pass the model's full config.json")
+            if key in NOT_NULL and key in hf:
+                raise ValueError(f"{path}: {key} is null; give it a number or delete the key")
         elif not _is(value, kinds):
             names = "/".join(k.__name__ for k in kinds)
             raise ValueError(f"{path}: {key}={value!r} must be a {names}; fix config.json")
+    theta = (hf.get("rope_parameters") or {}).get("rope_theta", 0)
+    if not _is(theta, _NUM):
+        raise ValueError(f"{path}: rope_parameters' rope_theta={theta!r} must be a number; fix config.json")
 
 
 def config_from_hf(hf: dict[str, Any], path: Path | str = "config.json") -> ModelConfig:
@@ -90,7 +107,8 @@ def config_from_hf(hf: dict[str, Any], path: Path | str = "config.json") -> Mode
         raise ValueError(f"{path} must hold a JSON object (an HF model config), got {type(hf).__name__}")
     family = _family(hf, path)  # an unsupported architecture is named first
     _check_fields(hf, path)
-    if hf.get("hidden_act", "silu") != "silu":
+    hf = {**FAMILY_DEFAULTS[family], **hf}
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names for x * sigmoid(x)
         raise ValueError(f"{path}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
     if hf.get("mlp_bias"):
         raise ValueError(f"{path}: mlp_bias=true is not supported")
@@ -99,8 +117,16 @@ def config_from_hf(hf: dict[str, Any], path: Path | str = "config.json") -> Mode
     window = None
     if family == "mistral":
         window = hf.get("sliding_window")
-    elif family == "qwen2" and hf.get("use_sliding_window"):
-        raise ValueError(f"{path}: Qwen2 use_sliding_window=true (per-layer windows) is not supported")
+    elif family == "qwen2" and hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
+        # as Qwen2Config: layers from max_window_layers on get the window (unless layer_types says)
+        n, first = hf["num_hidden_layers"], hf.get("max_window_layers")
+        first = FAMILY_DEFAULTS["qwen2"]["max_window_layers"] if first is None else first
+        types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+        if all(t == "sliding_attention" for t in types):
+            window = hf["sliding_window"]
+        elif any(t == "sliding_attention" for t in types):
+            raise ValueError(f"{path}: Qwen2 use_sliding_window=true with windows on some layers only (layers from "
+                             f"max_window_layers={first} of {n}) is not supported")
     theta, scaling = _rope(hf)
     if scaling is not None and scaling["type"] in ("linear", "dynamic", "yarn", "llama3"):
         factor = scaling.get("factor")
