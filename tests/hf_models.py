@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 import lmstack
@@ -96,3 +98,19 @@ def hf_penalises_padding() -> bool:
     from transformers.generation.utils import GenerationMixin
 
     return "prompt_ignore_length=" not in inspect.getsource(GenerationMixin._get_logits_processor)
+
+
+def edit_json(path, **changes):
+    """Rewrite the JSON object in file ``path``: each key set to its value, or removed where the
+    value is ``KeyError``. Returns the path's folder."""
+    from pathlib import Path
+
+    path = Path(path)
+    obj = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is KeyError:
+            obj.pop(k, None)
+        else:
+            obj[k] = v
+    path.write_text(json.dumps(obj))
+    return path.parent

@@ -15,6 +15,8 @@ from lmstack.cli import main
 from lmstack.generate import generate, generate_stream
 from lmstack.interop import from_hf, to_hf
 
+from ..hf_models import edit_json
+
 CFG = lmstack.ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=32)
 
 
@@ -36,14 +38,7 @@ def _copy(dirs, tmp_path, kind="single"):
 
 
 def _edit_config(path, **changes):
-    cfg = json.loads((path / "config.json").read_text())
-    for k, v in changes.items():
-        if v is KeyError:
-            cfg.pop(k)
-        else:
-            cfg[k] = v
-    (path / "config.json").write_text(json.dumps(cfg))
-    return path
+    return edit_json(path / "config.json", **changes)
 
 
 def _listing(path):

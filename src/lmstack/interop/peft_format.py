@@ -61,6 +61,23 @@ def _lmstack_targets(targets, option: str):
     return [_lmstack_path(t) if isinstance(t, str) else t for t in targets]
 
 
+# What peft fills in for a config that leaves these out (peft.utils.constants, for lmstack's families)
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
+PEFT_DEFAULT_TARGETS = {
+    "LORA": {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]},
+    "IA3": {"llama": ["k_proj", "v_proj", "down_proj"], "mistral": ["k_proj", "v_proj", "down_proj"],
+            "qwen2": ["q_proj", "v_proj", "down_proj"]},
+}
+PEFT_DEFAULT_FEEDFORWARD = ["down_proj"]  # IA3, every family here
+
+
+def _targets(config: dict[str, Any], kind: str, cfg: ModelConfig) -> list[str] | str:
+    targets = config.get("target_modules")
+    if targets is None:
+        targets = PEFT_DEFAULT_TARGETS[kind][cfg.hf_model_type]
+    return _lmstack_targets(targets, "target_modules")
+
+
 # Options of a peft config that do not change what a loaded adapter computes (bookkeeping, or how its
 # weights were initialised or trained); any other option set to a non-empty value must be one lmstack
 # implements, else loading it is refused rather than computing something else.
@@ -138,21 +155,27 @@ def from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], cfg: Mod
         raise ValueError(f"peft adapter type {kind!r} is not supported; supported: {', '.join(_HANDLED)}")
     _refuse(config, kind)
     if kind == "LORA":
-        options = {"r": config["r"], "alpha": config["lora_alpha"], "dropout": config.get("lora_dropout", 0.0),
-                   "target_modules": _lmstack_targets(config["target_modules"], "target_modules"),
-                   "use_rslora": bool(config.get("use_rslora", False))}
+        r, alpha = (config.get(k, PEFT_DEFAULTS[k]) for k in ("r", "lora_alpha"))
+        options = {"r": r, "alpha": alpha, "dropout": config.get("lora_dropout", 0.0),
+                   "target_modules": _targets(config, kind, cfg), "use_rslora": bool(config.get("use_rslora", False))}
         return "lora", options, False, {_lmstack_path(k): v for k, v in tensors.items()}
     if kind == "IA3":
-        options = {"target_modules": _lmstack_targets(config["target_modules"], "target_modules"),
-                   "feedforward_modules": _lmstack_targets(config.get("feedforward_modules"),
-                                                           "feedforward_modules") or []}
+        targets = _targets(config, kind, cfg)
+        ff = config.get("feedforward_modules")
+        if ff is None:  # peft's default, for the targets that are one
+            ff = ([t for t in targets if t.split(".")[-1] in PEFT_DEFAULT_FEEDFORWARD] if isinstance(targets, list)
+                  else PEFT_DEFAULT_FEEDFORWARD)
+        options = {"target_modules": targets, "feedforward_modules": _lmstack_targets(ff, "feedforward_modules")}
         return "ia3", options, False, {_lmstack_path(k): v.flatten() for k, v in tensors.items()}
     if kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
         if config.get("num_transformer_submodules", 1) != 1:
             raise ValueError("peft prompt adapters for encoder-decoder models are not supported")
         if set(tensors) != {"prompt_embeddings"}:
             raise ValueError(f"peft {kind} adapter holds {sorted(tensors)}; expected only 'prompt_embeddings'")
-        P = config["num_virtual_tokens"]
+        P = config.get("num_virtual_tokens")
+        if P is None:
+            raise ValueError(f"peft {kind} adapter config has no num_virtual_tokens; pass the adapter_config.json "
+                             f"peft saved")
         table = tensors["prompt_embeddings"]
         if kind == "PROMPT_TUNING":
             return "prompt", {"num_virtual_tokens": P}, False, {"virtual_embeds.weight": table}

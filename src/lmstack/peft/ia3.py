@@ -33,10 +33,11 @@ class IA3Linear(Wrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base_layer(x)
+        s = self.ia3_l  # fp32 on a half-precision base: scale in fp32 and round once, as peft does
         if self.feedforward:
-            return self.base_layer(x * self.ia3_l.to(x.dtype))
+            return self.base_layer((x.to(s.dtype) * s).to(x.dtype))
         y = self.base_layer(x)
-        return y * self.ia3_l.to(y.dtype)
+        return (y.to(s.dtype) * s).to(y.dtype)
 
     @torch.no_grad()
     def _scale(self, invert: bool) -> None:

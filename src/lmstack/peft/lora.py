@@ -38,7 +38,8 @@ class LoRALinear(Wrapper):
         if self.disabled or self.merged:
             return y
         a = self.lora_A.weight
-        return y + (self.lora_B(self.lora_A(self.dropout(x.to(a.dtype)))) * self.scaling).to(y.dtype)
+        # added in the adapter's precision (fp32 on a half-precision base) and rounded once, as peft does
+        return (y.to(a.dtype) + self.lora_B(self.lora_A(self.dropout(x.to(a.dtype)))) * self.scaling).to(y.dtype)
 
     def delta(self) -> torch.Tensor:
         """s * B A (out, in) in float32 (in float64 when the weights are)."""
