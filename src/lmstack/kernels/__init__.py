@@ -17,8 +17,8 @@ static-shape KV cache attends over its whole buffer, filled only up to the query
   through Triton's interpreter (``TRITON_INTERPRET=1``).
 
 ``backend=None`` picks ``"triton"`` when q is a CUDA tensor in fp16/bf16 (or under CUDA autocast to
-one of them) with a supported head dim, triton imports, there is no ``key_valid`` and more than one query (single-token decoding keeps SDPA's
-folded-GQA path); otherwise ``"sdpa"``. Plain fp32 runs on ``"triton"`` only when asked for. Under
+one of them) with a supported head dim, triton imports, there is no ``key_valid`` and more than
+one query (single-token decoding keeps SDPA's folded-GQA path); otherwise ``"sdpa"``. Plain fp32 runs on ``"triton"`` only when asked for. Under
 autocast (CUDA or CPU) the triton backend casts q/k/v to autocast's dtype, as autocast does for SDPA.
 
 This package imports nothing else from lmstack.

@@ -670,7 +670,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     ``max_seqlen_*`` must be at least the longest sequence (it sizes the launch grid). On the CPU
     bad cu_seqlens raise a ValueError; on a GPU they are checked on the device without a sync, and
-    a bad one stops the program with a device-side assertion instead of returning garbage. ``return_lse=True`` also returns the logsumexp, (Hq, total_q).
+    a bad one stops the program with a device-side assertion instead of returning garbage.
+    ``return_lse=True`` also returns the logsumexp, (Hq, total_q).
     """
     _check(q, k, v, 3, window_size, dropout_p)
     # the kernels read cu_seqlens[b] and [b + 1] as neighbours in memory: a strided view must be copied
