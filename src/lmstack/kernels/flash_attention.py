@@ -636,10 +636,14 @@ def _check(q, k, v, rank, window_size, dropout_p):
         raise ValueError(f"dropout_p={dropout_p}: attention dropout is not implemented, use 0.0")
 
 
-def _interpreter_bf16(q) -> bool:
-    """Triton's interpreter (seen in 3.9) multiplies bf16 tiles as raw uint16 bits (``tl.dot`` is off by
-    ~1e10), so on the CPU bf16 attention runs the kernels in fp32 and rounds the output to bf16."""
-    return INTERPRET and not q.is_cuda and q.dtype == torch.bfloat16
+def _flash(q, k, v, *args):
+    """``_FlashAttn.apply``. Triton's interpreter (seen in 3.9) multiplies bf16 tiles as raw uint16 bits
+    (``tl.dot`` is off by ~1e10), so on the CPU bf16 inputs run the kernels in fp32 and the output is
+    rounded to bf16."""
+    if INTERPRET and not q.is_cuda and q.dtype == torch.bfloat16:
+        out, lse = _FlashAttn.apply(q.float(), k.float(), v.float(), *args)
+        return out.bfloat16(), lse
+    return _FlashAttn.apply(q, k, v, *args)
 
 
 def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), dropout_p=0.0,
@@ -653,13 +657,9 @@ def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, window_size=(-
     _check(q, k, v, 4, window_size, dropout_p)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"q and k/v batch sizes differ: {q.shape[0]} vs {k.shape[0]}")
-    if _interpreter_bf16(q):
-        out, lse = flash_attn_func(q.float(), k.float(), v.float(), causal=causal, softmax_scale=softmax_scale,
-                                   window_size=window_size, return_lse=True)
-        return (out.bfloat16(), lse) if return_lse else out.bfloat16()
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    out, lse = _FlashAttn.apply(q, k, v, None, None, q.shape[1], k.shape[1], bool(causal), scale,
-                                int(window_size[0]), int(window_size[1]))
+    out, lse = _flash(q, k, v, None, None, q.shape[1], k.shape[1], bool(causal), scale,
+                      int(window_size[0]), int(window_size[1]))
     return (out, lse) if return_lse else out
 
 
@@ -694,12 +694,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             torch._assert_async(((cu[0] == 0) & (cu[-1] == total) & (lens >= 0).all() & (lens <= mx).all()),
                                 f"flash_attn_varlen_func: cu_seqlens_{name} must rise from 0 to {total} in steps of "
                                 f"at most max_seqlen_{name}={mx} (the grid is sized from it)")
-    if _interpreter_bf16(q):
-        out, lse = flash_attn_varlen_func(q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                          max_seqlen_k, causal=causal, softmax_scale=softmax_scale,
-                                          window_size=window_size, return_lse=True)
-        return (out.bfloat16(), lse) if return_lse else out.bfloat16()
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    out, lse = _FlashAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                bool(causal), scale, int(window_size[0]), int(window_size[1]))
+    out, lse = _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                      bool(causal), scale, int(window_size[0]), int(window_size[1]))
     return (out, lse) if return_lse else out
