@@ -173,7 +173,7 @@ def test_over_long_prompt_is_a_clear_error(tmp_path, capsys):
     assert main(["prepare", "text", str(text), "--name", "t", "--vocab-size", "260"]) == 0
     run = tmp_path / "r"
     assert main(["train", "--quiet", "--recipe", str(ROOT / "recipes" / "shakespeare-tiny.yaml"), "data=t", f"out_dir={run}",
-          "max_steps=1", "seq_len=16", "batch_size=1", "eval_tokens=16", "model_overrides.max_seq_len=16",
+          "max_steps=1", "seq_len=16", "batch_size=1", "eval_tokens=16", "compile=false", "model_overrides.max_seq_len=16",
           "model_overrides.dim=16", "model_overrides.n_layers=1", "model_overrides.n_heads=2",
                  "model_overrides.n_kv_heads=1"]) == 0, capsys.readouterr().err
     capsys.readouterr()

@@ -96,8 +96,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
-@pytest.fixture(scope="module")
-def backend():
+def make_backend():
     """A small byte-level BPE whose added tokens include the chat specials and a plain <think>."""
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -119,8 +118,9 @@ def _save(hf, path, template, **special):
     return path
 
 
-@pytest.fixture(scope="module")
-def folders(backend, tmp_path_factory):
+def make_folders(tmp_path_factory):
+    """A ChatML folder (EOS <|im_end|>) and a Llama-3 one (BOS post-processor), by transformers."""
+    backend = make_backend()
     chatml = _save(backend, tmp_path_factory.mktemp("chatml"), CHATML,
                    eos_token="<|im_end|>", pad_token="<|endoftext|>")
     llama = HFTokenizer.from_str(backend.to_str())
@@ -131,6 +131,11 @@ def folders(backend, tmp_path_factory):
     llama = _save(llama, tmp_path_factory.mktemp("llama"), LLAMA3,
                   bos_token=bos, eos_token="<|eot_id|>")
     return {"chatml": chatml, "llama3": llama}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return make_folders(tmp_path_factory)
 
 
 def _ids(out):
