@@ -8,7 +8,7 @@ Zephyr (``eos_token`` after every turn) and Phi-3 (``<|end|>`` markers, trailing
 
 import pytest
 
-from .test_chat import CONVERSATIONS, _assert_same_chat, make_folders
+from .test_chat import CONVERSATIONS, _assert_same_chat, _ids, make_folders
 
 transformers = pytest.importorskip("transformers")
 
@@ -87,6 +87,15 @@ def test_template_styles_match_transformers(folders, kind, name, template, chats
     ours.chat_template = template
     for messages in chats:
         _assert_same_chat(ours, theirs, messages, hf_template=template)
+    # prefilling the reply: the text stops at the end of the assistant's words, as transformers'
+    prefill = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "Sure, the answer"}]
+    text = ours.apply_chat_template(prefill, continue_final_message=True, tokenize=False)
+    assert text.endswith("Sure, the answer") and text == theirs.apply_chat_template(
+        prefill, continue_final_message=True, tokenize=False, chat_template=template)
+    assert ours.apply_chat_template(prefill, continue_final_message=True) == _ids(
+        theirs.apply_chat_template(prefill, continue_final_message=True, tokenize=True,
+                                   chat_template=template))
     if kind == "llama3" and name in ("mistral", "gemma"):  # BOS once, from the template
         ids = ours.apply_chat_template(chats[0])
         assert ids[0] == ours.bos_id and ids.count(ours.bos_id) == 1
