@@ -3,7 +3,7 @@
 test_chat.py covers ChatML, Llama 3 and the jinja environment; these are the other shapes people
 fine-tune most: Mistral's [INST] (system merged into the first user turn, alternation enforced with
 raise_exception, BOS/EOS written by the template), Gemma (no system role, ``model`` turns),
-Zephyr (``eos_token`` after every turn) and Phi-3 (``<|end|>`` markers, trailing ``<|endoftext|>``).
+Zephyr (``eos_token`` after every turn) and Phi-3 (``<|end|>`` markers, EOS at the end when no reply is asked for).
 """
 
 import pytest
@@ -64,7 +64,6 @@ PHI3 = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
-
 
 
 @pytest.fixture(scope="module")
