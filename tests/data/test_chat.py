@@ -133,11 +133,6 @@ def make_folders(tmp_path_factory):
     return {"chatml": chatml, "llama3": llama}
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return make_folders(tmp_path_factory)
-
-
 def _ids(out):
     """transformers 5 returns a BatchEncoding from tokenize=True; 4.x a list."""
     return list(out["input_ids"]) if hasattr(out, "keys") else list(out)

@@ -3,12 +3,13 @@
 test_chat.py covers ChatML, Llama 3 and the jinja environment; these are the other shapes people
 fine-tune most: Mistral's [INST] (system merged into the first user turn, alternation enforced with
 raise_exception, BOS/EOS written by the template), Gemma (no system role, ``model`` turns),
-Zephyr (``eos_token`` after every turn) and Phi-3 (``<|end|>`` markers, EOS at the end when no reply is asked for).
+Zephyr (``eos_token`` after every turn) and Phi-3 (``<|end|>`` markers, EOS at the end when no
+reply is asked for). The tokenizer folders come from tests/data/conftest.py.
 """
 
 import pytest
 
-from .test_chat import CONVERSATIONS, _assert_same_chat, _ids, make_folders
+from .test_chat import CONVERSATIONS, _assert_same_chat, _ids
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,11 +65,6 @@ PHI3 = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return make_folders(tmp_path_factory)
 
 
 NO_SYSTEM = [c for c in CONVERSATIONS if c[0]["role"] != "system"]
