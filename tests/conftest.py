@@ -19,10 +19,11 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def seed():
-    """Fresh random inputs each run, printed on failure so it can be replayed."""
-    s = int.from_bytes(os.urandom(4), "little")
+    """Fresh random inputs each run, printed on failure so it can be replayed: LMSTACK_TEST_SEED=<seed>
+    runs the tests with that seed."""
+    s = int(os.environ.get("LMSTACK_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(s)
-    print(f"torch seed {s}")
+    print(f"torch seed {s} (LMSTACK_TEST_SEED={s} replays it)")
     return s
 
 

@@ -18,6 +18,8 @@ tf = pytest.importorskip("transformers")
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.generation import logits_process as lp  # noqa: E402
 
+from ..hf_models import hf_penalises_padding  # noqa: E402
+
 B, V, T = 6, 50, 12
 
 
@@ -32,17 +34,6 @@ def random_logits(ties: bool = False) -> torch.Tensor:
 def left_padding(lengths: torch.Tensor) -> torch.Tensor:
     """(B, T) bool mask, False on the first T - length positions of each row."""
     return torch.arange(T)[None, :] >= (T - lengths)[:, None]
-
-
-def hf_penalty_skips_padding() -> bool:
-    """Whether this transformers' ``generate`` leaves a left-padded prompt's padding out of the
-    repetition penalty, as lmstack does (5.23 on: a per-row ``prompt_ignore_length``). Older
-    versions penalise the pad id like any other token the row holds."""
-    try:
-        lp.RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.tensor([0, 1]))
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -119,7 +110,7 @@ def test_process_logits_matches_hf_generate_pipeline(settings, ties):
     logits = random_logits(ties)
     ids = torch.randint(0, V, (B, T))
     lengths = torch.randint(1, T + 1, (B,))
-    if "repetition_penalty" in settings and not hf_penalty_skips_padding():
+    if "repetition_penalty" in settings and hf_penalises_padding():
         lengths.fill_(T)  # an older transformers penalises padding too: compare unpadded rows
     mask = left_padding(lengths)
     hf = hf_processors(ids, mask, **settings)(ids, logits.clone())
