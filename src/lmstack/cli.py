@@ -19,6 +19,7 @@ from .config import resolve_device
 
 USAGE_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
 DEFAULT_TEMPERATURE = 0.8  # `generate` without settings of its own or in the model folder
+BEAM_KEYS = ("num_beams", "num_return_sequences", "length_penalty", "early_stopping")  # generate's beam search keywords
 
 
 def _field_comments(cls) -> dict[str, str]:
@@ -252,20 +253,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _early_stopping(text: str) -> bool | str:
+    """--early-stopping's value: true, false or never, as HF's early_stopping."""
+    value = {"true": True, "false": False, "never": "never"}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass true, false or never")
+    return value
+
+
 def _load_for_generation(args):
     from .data.tokenizer import Tokenizer
     from .interop import from_hf
+    from .interop.hf import parse_dtype
     from .train.checkpoint import load_checkpoint, resolve_checkpoint
 
     if bool(args.checkpoint) == bool(args.hf):
         raise ValueError("pass exactly one of --checkpoint DIR (lmstack) or --hf DIR (Hugging Face)")
     device = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype)
     if args.hf:
-        model = from_hf(args.hf, device=device)
+        model = from_hf(args.hf, dtype=dtype, device=device)
         tok = Tokenizer.from_file(args.hf) if (Path(args.hf) / "tokenizer.json").is_file() else None
         folder = Path(args.hf)
     else:
-        model, tok = load_checkpoint(args.checkpoint, device=device)
+        model, tok = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
         folder = resolve_checkpoint(args.checkpoint, adapters=True)
     if tok is None:
         raise FileNotFoundError(f"{args.checkpoint or args.hf} has no tokenizer.json; generation needs one")
@@ -273,14 +284,35 @@ def _load_for_generation(args):
 
 
 def _decoding_settings(args, folder: Path) -> dict:
-    """The sampling keywords: those given on the command line, else the folder's
-    generation_config.json read as transformers' generate() reads it, else temperature 0.8."""
-    from .interop import generation_settings
+    """lmstack.generate's keywords: those given on the command line, else the folder's
+    generation_config.json read as transformers' generate() reads it, else temperature 0.8 and
+    200 new tokens. Fields of the file that lmstack does not implement are named on stderr."""
+    from .interop import generation_settings, unsupported_generation_settings
 
     given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                 typical_p=args.typical_p, repetition_penalty=args.repetition_penalty)
-    return {**(generation_settings(folder) or {"temperature": DEFAULT_TEMPERATURE}),
-            **{k: v for k, v in given.items() if v is not None}}
+                 typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
+                 max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                 num_return_sequences=args.num_return_sequences, length_penalty=args.length_penalty,
+                 early_stopping=args.early_stopping)
+    given = {k: v for k, v in given.items() if v is not None}
+    from_file = generation_settings(folder)
+    if "num_beams" not in given and "temperature" in given and given["temperature"] > 0:
+        # sampling asked for over a file's beam search: transformers would sample the beams (beam
+        # sampling, which lmstack does not implement); plain sampling is what the flag means here
+        for key in BEAM_KEYS:
+            from_file.pop(key, None)
+    kw = {"temperature": DEFAULT_TEMPERATURE, "max_new_tokens": 200, **from_file, **given}
+    if kw.get("num_beams", 1) > 1 and kw["temperature"] > 0:
+        where = "--num-beams" if "num_beams" in given else f"{folder / 'generation_config.json'}'s num_beams"
+        raise ValueError(f"{where} asks for beam search ({kw['num_beams']} beams) and the temperature is "
+                         f"{kw['temperature']}: lmstack has no beam sampling; pass --temperature 0 for beam "
+                         f"search or --num-beams 1 to sample")
+    ignored = unsupported_generation_settings(folder)
+    if ignored:
+        fields = ", ".join(f"{k}={v!r}" for k, v in ignored.items())
+        print(f"lmstack generate: note: {folder / 'generation_config.json'} sets {fields}, which lmstack does not "
+              f"implement: decoding goes on without, so transformers' output may differ", file=sys.stderr)
+    return kw
 
 
 def cmd_generate(args) -> int:
@@ -311,14 +343,19 @@ def cmd_generate(args) -> int:
     # printed: the prompt and its continuation, or with a chat template the reply alone; decoded as
     # one text (a SentencePiece word keeps its space), never soft-prompt placeholders or the stop token
     head = [] if chat else [t for t in ids if t >= 0]
-    if args.no_stream:
-        out = generate(model, torch.tensor([ids], device=next(model.parameters()).device),
-                       max_new_tokens=args.max_new_tokens, **kw)
-        new = out.sequences[0, len(ids):].tolist()
-        end = next((i for i, t in enumerate(new) if t in tok.stop_ids), len(new))
-        print(tok.decode(head + new[:end]))
+    beams = kw.get("num_beams", 1) > 1 or kw.get("num_return_sequences", 1) > 1
+    if args.no_stream or beams or args.compile:  # beam search ranks whole hypotheses: printed at the end
+        out = generate(model, torch.tensor([ids], device=next(model.parameters()).device), compile=args.compile, **kw)
+        for r, row in enumerate(out.sequences):
+            new = row[len(ids):].tolist()
+            end = next((i for i, t in enumerate(new) if t in tok.stop_ids), len(new))
+            if len(out.sequences) > 1:  # best first, with transformers' sequences_scores
+                print(f"--- {r + 1} of {len(out.sequences)} (score {out.scores[r].item():.4f})")
+            print(tok.decode(head + new[:end]))
         return 0
-    stream = generate_stream(model, ids, max_new_tokens=args.max_new_tokens, **kw)  # checks arguments first
+    for key in BEAM_KEYS:
+        kw.pop(key, None)  # one beam: greedy or sampling, as HF ignores these there
+    stream = generate_stream(model, ids, **kw)  # checks arguments first
     shown = tok.decode(head)
     sys.stdout.write(shown)
     new = []
@@ -453,17 +490,31 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--checkpoint", help="lmstack checkpoint folder or run directory")
     ge.add_argument("--hf", help="Hugging Face model directory (config.json + safetensors + tokenizer.json)")
     ge.add_argument("--prompt", required=True, help="prompt text (\\n for newlines)")
-    ge.add_argument("--max-new-tokens", type=int, default=200)
+    ge.add_argument("--max-new-tokens", type=int, default=None,
+                    help="default: the model folder's generation_config.json max_new_tokens, else 200")
     ge.add_argument("--temperature", type=float, default=None,
-                    help=f"0 = greedy. The sampling options default to the model folder's generation_config.json "
-                         f"as HF generate reads it (greedy unless it sets do_sample), else temperature "
-                         f"{DEFAULT_TEMPERATURE} and no filters")
+                    help=f"0 = greedy. The decoding options default to the model folder's generation_config.json "
+                         f"as HF generate reads it (greedy unless it sets do_sample, beam search with its "
+                         f"num_beams), else temperature {DEFAULT_TEMPERATURE} and no filters")
     ge.add_argument("--top-k", type=int, default=None)
     ge.add_argument("--top-p", type=float, default=None)
     ge.add_argument("--min-p", type=float, default=None)
     ge.add_argument("--typical-p", type=float, default=None)
     ge.add_argument("--repetition-penalty", type=float, default=None)
+    ge.add_argument("--num-beams", type=int, default=None,
+                    help="> 1: beam search, as HF generate(num_beams=N, do_sample=False); printed when done")
+    ge.add_argument("--num-return-sequences", type=int, default=None,
+                    help="beam search: print this many of the best hypotheses, best first, with their scores")
+    ge.add_argument("--length-penalty", type=float, default=None,
+                    help="beam search: rank by sum log p / length ** this (HF's default 1.0)")
+    ge.add_argument("--early-stopping", type=_early_stopping, default=None, metavar="{true,false,never}",
+                    help="beam search stop rule, as HF's early_stopping (default false)")
     ge.add_argument("--seed", type=int, default=None)
+    ge.add_argument("--dtype", default="auto",
+                    help="float32, bfloat16 or float16 (default auto: the checkpoint's own; on a CPU without "
+                         "bf16 instructions float32 decodes faster)")
+    ge.add_argument("--compile", action="store_true",
+                    help="torch.compile the decode step (faster past the first call's compile); prints at the end")
     ge.add_argument("--bos", action="store_true", help="prepend the BOS token (--raw prompts)")
     ge.add_argument("--raw", action="store_true",
                     help="continue the prompt text as it is, even when the tokenizer has a chat template "

@@ -9,6 +9,7 @@ lmstack's processors given our settings must turn the first into the second.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -31,8 +32,8 @@ CONFIGS = {
 }
 
 
-def _folder(tmp_path, gen: dict, vocab: int = 96):
-    hf, _ = tiny_hf("llama", vocab=vocab, dim=32, layers=1, heads=2, kv_heads=1, ffn=64)
+def _folder(tmp_path, gen: dict, vocab: int = 96, scale: float = 1.0):
+    hf, _ = tiny_hf("llama", vocab=vocab, dim=32, layers=1, heads=2, kv_heads=1, ffn=64, scale=scale)
     hf.save_pretrained(tmp_path)
     (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "transformers_version": "4.45.0"}))
     return tmp_path
@@ -67,10 +68,10 @@ def test_settings_without_a_file_and_bad_values(tmp_path):
         generation_settings(tmp_path)
 
 
-def _cli_folder(tmp_path, gen: dict):
+def _cli_folder(tmp_path, gen: dict, scale: float = 1.0):
     from lmstack import Tokenizer
 
-    folder = _folder(tmp_path, gen, vocab=288)
+    folder = _folder(tmp_path, gen, vocab=288, scale=scale)
     tok = Tokenizer.train(["the quick brown fox jumps over the lazy dog " * 30], vocab_size=288)
     tok.save(folder)
     return folder, tok
@@ -120,3 +121,107 @@ def test_cli_flags_win_over_the_file(tmp_path, monkeypatch):
         main(["generate", "--hf", str(folder), "--prompt", "the", "--no-stream", "--device", "cpu", "--top-k", "3"])
     assert {k: seen[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")} == \
         {"temperature": 0.7, "top_k": 3, "top_p": 0.8, "repetition_penalty": 1.05}
+
+
+BEAM_FILE = {"num_beams": 3, "length_penalty": 0.6, "early_stopping": "never", "num_return_sequences": 2,
+             "max_new_tokens": 9}
+
+
+def _run_cli(capsys, folder, *flags):
+    from lmstack.cli import main
+
+    capsys.readouterr()  # what came before (transformers' progress bars)
+    rc = main(["generate", "--hf", str(folder), "--prompt", "the quick brown fox", "--device", "cpu", *flags])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_beam_search_from_the_file(tmp_path, capsys):
+    """A file with num_beams > 1: transformers' generate() runs beam search with the file's
+    length_penalty, early_stopping, num_return_sequences and max_new_tokens; `lmstack generate`
+    prints the same hypotheses, best first, with the same scores."""
+    folder, tok = _cli_folder(tmp_path, BEAM_FILE, scale=3.0)  # peaked: no near-ties between beams
+    settings = generation_settings(folder)
+    assert settings == {"temperature": 0.0, **BEAM_FILE}
+    ids = tok.encode("the quick brown fox")
+    with torch.no_grad():
+        out = load_hf(folder).generate(torch.tensor([ids]), pad_token_id=0, eos_token_id=tok.stop_ids,
+                                       output_scores=True, return_dict_in_generate=True)
+    assert out.sequences.shape[0] == 2 and out.sequences.shape[1] <= len(ids) + 9
+    rc, printed, err = _run_cli(capsys, folder)
+    assert rc == 0 and err == ""
+    parts = re.split(r"--- (\d) of 2 \(score (-?[\d.]+)\)\n", printed)  # the texts may hold newlines
+    assert parts[0] == "" and parts[1::3] == ["1", "2"], printed
+    for r in range(2):
+        score, text = parts[3 * r + 2], parts[3 * r + 3].removesuffix("\n")
+        assert float(score) == pytest.approx(out.sequences_scores[r].item(), abs=2e-4)
+        new = out.sequences[r, len(ids):].tolist()
+        end = next((i for i, t in enumerate(new) if t in tok.stop_ids), len(new))
+        assert text == tok.decode(ids + new[:end])
+
+
+def test_beam_flags_win_over_the_file(tmp_path, monkeypatch, capsys):
+    """--num-beams and the beam flags override the file; --temperature > 0 over a file's beam search
+    samples one beam (as the flag asks: lmstack has no beam sampling)."""
+    import sys
+
+    gen_mod = sys.modules["lmstack.generate"]
+    folder, _ = _cli_folder(tmp_path, BEAM_FILE)
+    seen = []
+
+    def fake_generate(model, ids, **kw):
+        seen.append(dict(kw, dtype=next(model.parameters()).dtype))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(gen_mod, "generate", fake_generate)
+    for flags in (["--num-beams", "4", "--length-penalty", "-1", "--early-stopping", "TRUE", "--max-new-tokens", "5"],
+                  ["--temperature", "0.9", "--no-stream", "--dtype", "bfloat16"],
+                  ["--num-beams", "1", "--num-return-sequences", "1", "--no-stream", "--compile"]):
+        with pytest.raises(SystemExit):
+            _run_cli(capsys, folder, *flags)
+    beam, sample, greedy = seen
+    assert {k: beam[k] for k in (*BEAM_FILE, "temperature")} == {
+        "num_beams": 4, "length_penalty": -1.0, "early_stopping": True, "num_return_sequences": 2,
+        "max_new_tokens": 5, "temperature": 0.0}
+    assert beam["dtype"] == torch.float32 and not beam["compile"]
+    assert sample["temperature"] == 0.9 and sample["max_new_tokens"] == 9 and sample["dtype"] == torch.bfloat16
+    assert not any(k in sample for k in ("num_beams", "num_return_sequences", "length_penalty", "early_stopping"))
+    assert greedy["num_beams"] == 1 and greedy["temperature"] == 0.0 and greedy["compile"]
+
+
+def test_beam_sampling_and_bad_beam_settings_are_one_line_errors(tmp_path, capsys):
+    folder, _ = _cli_folder(tmp_path, {"do_sample": True, "temperature": 0.7, "num_beams": 4})
+    rc, out, err = _run_cli(capsys, folder)
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1
+    assert "no beam sampling" in err and "--temperature 0" in err and "--num-beams 1" in err
+    for flags in (["--num-beams", "1", "--max-new-tokens", "3"], ["--temperature", "0", "--max-new-tokens", "3"]):
+        assert _run_cli(capsys, folder, *flags)[0] == 0  # either way out of it works
+    rc, _, err = _run_cli(capsys, folder, "--num-beams", "2", "--temperature", "0.5")
+    assert rc == 2 and err.startswith("lmstack generate: error: --num-beams asks for beam search")
+    with pytest.raises(SystemExit):  # argparse: exit 2 with the usage
+        _run_cli(capsys, folder, "--early-stopping", "sometimes")
+    assert "pass true, false or never" in capsys.readouterr().err
+    rc, _, err = _run_cli(capsys, folder, "--dtype", "int8")
+    assert rc == 2 and "dtype='int8'" in err and len(err.splitlines()) == 1
+    for bad, match in (({"num_beams": 2, "early_stopping": "soon"}, "early_stopping in .* must be true, false or"),
+                       ({"num_beams": 2.5}, "num_beams in .* must be an integer, got 2.5"),
+                       ({"max_new_tokens": "9"}, "max_new_tokens in .* must be an integer")):
+        (folder / "generation_config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            generation_settings(folder)
+
+
+def test_fields_lmstack_does_not_implement_are_named(tmp_path, capsys):
+    """transformers would apply them; lmstack says on stderr that it decodes without them."""
+    from lmstack.interop import unsupported_generation_settings
+
+    gen = {"no_repeat_ngram_size": 3, "min_new_tokens": 2, "num_beam_groups": 1, "bad_words_ids": [],
+           "renormalize_logits": False, "encoder_repetition_penalty": 1.0}
+    folder, _ = _cli_folder(tmp_path, gen)
+    assert unsupported_generation_settings(folder) == {"no_repeat_ngram_size": 3, "min_new_tokens": 2}
+    rc, out, err = _run_cli(capsys, folder, "--max-new-tokens", "3", "--no-stream")
+    assert rc == 0 and out.startswith("the quick brown fox")
+    assert len(err.splitlines()) == 1
+    assert "sets no_repeat_ngram_size=3, min_new_tokens=2, which lmstack does not implement" in err
+    (folder / "generation_config.json").unlink()
+    assert unsupported_generation_settings(folder) == {}

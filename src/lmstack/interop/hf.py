@@ -350,6 +350,26 @@ def special_token_ids(tok: Tokenizer | None) -> dict[str, Any]:
 
 # transformers' generate() defaults for what generation_config.json leaves unset, when it samples
 _SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": None, "min_p": None, "typical_p": None}
+# ... and for beam search (num_beams > 1); num_return_sequences applies to beam search only here
+_BEAM_DEFAULTS = {"length_penalty": 1.0, "early_stopping": False, "num_return_sequences": 1}
+# generation_config.json fields that change transformers' output and that lmstack.generate does not
+# implement, with the values that leave them off
+_UNSUPPORTED = {
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "force_words_ids": None,
+    "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "min_length": 0, "min_new_tokens": None, "num_beam_groups": 1,
+    "diversity_penalty": 0.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "exponential_decay_length_penalty": None,
+    "penalty_alpha": None, "guidance_scale": None, "renormalize_logits": False, "encoder_repetition_penalty": 1.0,
+    "dola_layers": None, "max_time": None, "stop_strings": None, "constraints": None, "top_h": None,
+    "watermarking_config": None, "token_healing": False,
+}
+
+
+def _number(file: Path, key: str, value: Any, kinds: tuple = (int, float)) -> Any:
+    if value is not None and not _is(value, kinds):
+        raise ValueError(f"{key} in {file} must be {'an integer' if kinds == (int,) else 'a number'}, got {value!r}; "
+                         f"fix or delete it")
+    return value
 
 
 def generation_settings(folder: str | Path) -> dict[str, Any]:
@@ -357,20 +377,43 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
     applies them, in lmstack.generate's keywords: {} without the file; greedy
     ({"temperature": 0.0}) unless it sets do_sample; when sampling, its temperature, top_k, top_p,
     min_p and typical_p, with transformers' defaults (temperature 1, top_k 50) for the unset ones;
-    its repetition_penalty either way. Stop ids come from the tokenizer (``Tokenizer.stop_ids``)."""
+    with num_beams > 1, beam search with its length_penalty, early_stopping and
+    num_return_sequences (transformers' defaults 1.0, False, 1); its repetition_penalty and
+    max_new_tokens either way (not max_length). do_sample with num_beams > 1 is beam sampling, which
+    lmstack.generate refuses. Stop ids come from the tokenizer (``Tokenizer.stop_ids``); fields
+    lmstack does not implement are listed by ``unsupported_generation_settings``."""
     file = Path(folder) / "generation_config.json"
     gc = read_json_object(file)
     if not gc:
         return {}
-    keys = ("repetition_penalty", *(_SAMPLING_DEFAULTS if gc.get("do_sample") else ()))
+    sample = bool(gc.get("do_sample"))
     out = {}
-    for key in keys:
-        value = gc.get(key)
+    for key in ("repetition_penalty", *(_SAMPLING_DEFAULTS if sample else ())):
+        value = _number(file, key, gc.get(key))
         value = _SAMPLING_DEFAULTS.get(key) if value is None else value
-        if value is not None and not _is(value, (int, float)):
-            raise ValueError(f"{key} in {file} must be a number, got {value!r}; fix or delete it")
         if value is not None:
             out[key] = value
-    if not gc.get("do_sample"):
+    if not sample:
         out["temperature"] = 0.0
+    for key in ("max_new_tokens", "num_beams"):
+        if _number(file, key, gc.get(key), (int,)) is not None:
+            out[key] = gc[key]
+    if out.get("num_beams", 1) > 1:
+        for key, default in _BEAM_DEFAULTS.items():
+            value = gc.get(key)
+            if key == "early_stopping":
+                if value is not None and value not in (True, False, "never"):
+                    raise ValueError(f"early_stopping in {file} must be true, false or \"never\", got {value!r}; "
+                                     f"fix or delete it")
+            else:
+                _number(file, key, value, (int,) if key == "num_return_sequences" else (int, float))
+            out[key] = default if value is None else value
     return out
+
+
+def unsupported_generation_settings(folder: str | Path) -> dict[str, Any]:
+    """The fields of a model folder's generation_config.json that change what transformers' generate()
+    returns but that lmstack.generate does not implement (``no_repeat_ngram_size``, ``bad_words_ids``,
+    ``min_new_tokens``, ...), with their values; {} when there are none or there is no file."""
+    gc = read_json_object(Path(folder) / "generation_config.json") or {}
+    return {k: gc[k] for k, off in _UNSUPPORTED.items() if gc.get(k) not in (off, None, [], {})}
