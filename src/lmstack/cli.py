@@ -296,9 +296,10 @@ def _decoding_settings(args, folder: Path) -> dict:
                  early_stopping=args.early_stopping)
     given = {k: v for k, v in given.items() if v is not None}
     from_file = generation_settings(folder)
-    if "num_beams" not in given and "temperature" in given and given["temperature"] > 0:
-        # sampling asked for over a file's beam search: transformers would sample the beams (beam
-        # sampling, which lmstack does not implement); plain sampling is what the flag means here
+    # The file's beam search is off with --num-beams 1, and with --temperature > 0 alone: there
+    # transformers would sample the beams (beam sampling, which lmstack does not implement), and
+    # plain sampling is what the flag asks for.
+    if given.get("num_beams", 2) <= 1 or ("num_beams" not in given and given.get("temperature", 0) > 0):
         for key in BEAM_KEYS:
             from_file.pop(key, None)
     kw = {"temperature": DEFAULT_TEMPERATURE, "max_new_tokens": 200, **from_file, **given}
@@ -344,7 +345,7 @@ def cmd_generate(args) -> int:
     # one text (a SentencePiece word keeps its space), never soft-prompt placeholders or the stop token
     head = [] if chat else [t for t in ids if t >= 0]
     beams = kw.get("num_beams", 1) > 1 or kw.get("num_return_sequences", 1) > 1
-    if args.no_stream or beams or args.compile:  # beam search ranks whole hypotheses: printed at the end
+    if args.no_stream or beams:  # beam search ranks whole hypotheses: printed at the end
         out = generate(model, torch.tensor([ids], device=next(model.parameters()).device), compile=args.compile, **kw)
         for r, row in enumerate(out.sequences):
             new = row[len(ids):].tolist()
@@ -355,7 +356,7 @@ def cmd_generate(args) -> int:
         return 0
     for key in BEAM_KEYS:
         kw.pop(key, None)  # one beam: greedy or sampling, as HF ignores these there
-    stream = generate_stream(model, ids, **kw)  # checks arguments first
+    stream = generate_stream(model, ids, compile=args.compile, **kw)  # checks arguments first
     shown = tok.decode(head)
     sys.stdout.write(shown)
     new = []
@@ -514,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="float32, bfloat16 or float16 (default auto: the checkpoint's own; on a CPU without "
                          "bf16 instructions float32 decodes faster)")
     ge.add_argument("--compile", action="store_true",
-                    help="torch.compile the decode step (faster past the first call's compile); prints at the end")
+                    help="torch.compile the decode step (faster once compiled: the first call compiles, for seconds)")
     ge.add_argument("--bos", action="store_true", help="prepend the BOS token (--raw prompts)")
     ge.add_argument("--raw", action="store_true",
                     help="continue the prompt text as it is, even when the tokenizer has a chat template "

@@ -156,6 +156,20 @@ def test_sampling_is_seeded(models):
     assert r.shape == (2, 17)
 
 
+def test_compiled_and_static_streams_match_hf(models):
+    """generate_stream's ``compile`` and ``static_cache`` (the pair CUDA gets by default with
+    ``compile=True``) give HF's tokens; a static stream gives its cache back when it ends."""
+    from lmstack.generate.decode import STATIC_CACHES
+
+    h, m = models
+    ids = torch.randint(0, V, (1, 6))
+    ref = hf_greedy(h, ids, 12)[0, 6:].tolist()
+    for kw in ({"compile": True}, {"static_cache": True}, {"compile": True, "static_cache": True}):
+        STATIC_CACHES.pop(m, None)
+        assert list(generate_stream(m, ids[0], 12, **kw)) == ref, kw
+        assert (m in STATIC_CACHES) == bool(kw.get("static_cache")), kw
+
+
 def test_generate_stream_yields_generate_tokens(models):
     _, m = models
     prompt = torch.randint(0, V, (8,)).tolist()

@@ -174,12 +174,15 @@ def test_beam_flags_win_over_the_file(tmp_path, monkeypatch, capsys):
         raise SystemExit(0)
 
     monkeypatch.setattr(gen_mod, "generate", fake_generate)
+    monkeypatch.setattr(gen_mod, "generate_stream", fake_generate)
     for flags in (["--num-beams", "4", "--length-penalty", "-1", "--early-stopping", "TRUE", "--max-new-tokens", "5"],
                   ["--temperature", "0.9", "--no-stream", "--dtype", "bfloat16"],
-                  ["--num-beams", "1", "--num-return-sequences", "1", "--no-stream", "--compile"]):
+                  ["--num-beams", "1", "--num-return-sequences", "1", "--no-stream", "--compile"],
+                  ["--num-beams", "1", "--compile"]):
         with pytest.raises(SystemExit):
             _run_cli(capsys, folder, *flags)
-    beam, sample, greedy = seen
+    beam, sample, greedy, stream = seen
+    assert stream["compile"] and stream["temperature"] == 0.0 and "num_beams" not in stream
     assert {k: beam[k] for k in (*BEAM_FILE, "temperature")} == {
         "num_beams": 4, "length_penalty": -1.0, "early_stopping": True, "num_return_sequences": 2,
         "max_new_tokens": 5, "temperature": 0.0}

@@ -112,6 +112,16 @@ class Steps:
         self.compile, self.static = compile, static
         self.taken: tuple[torch.nn.Module, KVCache] | None = None  # (model, static cache) to give back
 
+    @classmethod
+    def for_device(cls, device: torch.device, *, compile: bool, static: bool | None) -> "Steps":
+        """``generate``'s steps: ``static`` None = the static cache when compiling on CUDA (one CUDA
+        graph per step), and on torch 2.4, whose dynamic-shape guards fail to evaluate ("name
+        'FloatTrueDiv' is not defined"), so the usual cache's compiled step would recompile at every
+        new length (about a minute each); its static step compiles once per batch and cache size."""
+        if static is None:
+            static = compile and (device.type == "cuda" or TORCH_VERSION < (2, 5))
+        return cls(compile=compile, static=bool(static))
+
     def setup_cache(self, model: torch.nn.Module, batch_size: int, total: int):
         if not self.static:
             return model.setup_cache(batch_size, total)
@@ -558,12 +568,7 @@ def generate(
     ids, pad_mask = prepare_inputs(input_ids, attention_mask, pad_id if pad_id is not None else 0, device)
     check_length(model, ids.shape[1], max_new_tokens)
     check_ids(model, ids, pad_mask)
-    if static_cache is None:
-        # also on torch 2.4, whose dynamic-shape guards fail to evaluate ("name 'FloatTrueDiv' is not
-        # defined"), so the usual cache's compiled step would recompile at every new length (about a
-        # minute each); its static step compiles once per batch and cache size (the cache is reused)
-        static_cache = compile and (device.type == "cuda" or TORCH_VERSION < (2, 5))
-    steps = Steps(compile=compile, static=static_cache)
+    steps = Steps.for_device(device, compile=compile, static=static_cache)
     if num_beams > 1 or num_return_sequences != 1:
         from .beam import beam_search, check_beam_args  # imported here: beam builds on this module
 
@@ -649,13 +654,15 @@ def generate_stream(
     repetition_penalty: float | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     seed: int | None = None,
+    compile: bool = False,
+    static_cache: bool | None = None,
 ) -> Iterator[int]:
     """Yield the new token ids of one prompt (a 1-D list or tensor of ids) one at a time, stopping
-    before an EOS id (which is not yielded). Same sampling keywords as ``generate``; the arguments
-    are checked here, before the first token is asked for. Like ``generate``, the stream decodes
-    with the model's CPU decode layout (``cpu_decode_layout``), from the first token until the
-    stream is exhausted or closed, so the model's weights must not change in between (its KV cache
-    would be stale too)."""
+    before an EOS id (which is not yielded). Same sampling, ``compile`` and ``static_cache``
+    keywords as ``generate``; the arguments are checked here, before the first token is asked
+    for. Like ``generate``, the stream decodes with the model's CPU decode layout
+    (``cpu_decode_layout``), from the first token until the stream is exhausted or closed, so the
+    model's weights must not change in between (its KV cache would be stale too)."""
     check_sampling_args(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         repetition_penalty=repetition_penalty,
@@ -672,18 +679,22 @@ def generate_stream(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         repetition_penalty=repetition_penalty, generator=make_generator(seed, device),
     )
-    return stream_loop(model, ids, max_new_tokens, choose, eos=set(as_id_list(eos_token_id)))
+    steps = Steps.for_device(device, compile=compile, static=static_cache)
+    return stream_loop(model, ids, max_new_tokens, choose, eos=set(as_id_list(eos_token_id)), steps=steps)
 
 
 @torch.inference_mode()  # on a generator: the mode is entered around each resume, not left on between yields
 def stream_loop(
-    model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, choose, *, eos: set[int]
+    model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, choose, *, eos: set[int],
+    steps: Steps | None = None,
 ) -> Iterator[int]:
     """The decode loop for one prompt (1, T), yielding each new token as a Python int. The CPU
-    decode layout stays on from the first token until the stream ends or is closed."""
-    with cpu_decode_layout(model):
+    decode layout (and a static cache, if ``steps`` took one) stays on from the first token until
+    the stream ends or is closed."""
+    steps = steps or Steps()
+    with cpu_decode_layout(model, compiled=steps.compile), contextlib.closing(steps):
         T = ids.shape[1]
-        cache = model.setup_cache(1, T + max_new_tokens)
+        cache = steps.setup_cache(model, 1, T + max_new_tokens)
         seq = ids.new_empty(1, T + max_new_tokens)
         seq[:, :T] = ids
         logits = prefill(model, ids, cache)  # (1, V)
@@ -696,4 +707,4 @@ def stream_loop(
             yield token
             seq[:, T + step] = tok
             if step < max_new_tokens - 1:
-                logits = decode_step(model, tok[:, None], cache)
+                logits = steps(model, tok[:, None], cache, None)
