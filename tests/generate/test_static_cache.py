@@ -7,7 +7,7 @@ import torch
 
 import lmstack
 from lmstack import peft
-from lmstack.generate import generate
+from lmstack.generate import generate, generate_stream
 from lmstack.generate.decode import STATIC_CACHE_ROUND, Steps
 
 from ..hf_models import no_special_tokens, ragged_batch, tiny_hf
@@ -238,3 +238,5 @@ def test_cuda_graph_decode_matches_eager():
         caches.add(id(STATIC_CACHES[m]))
     assert counters["inductor"]["cudagraph_skips"] == skips
     assert len(caches) == 1  # every call replayed on the same buffers
+    # a compiled stream (`lmstack generate --compile`) replays its own graph, one row, same tokens
+    assert list(generate_stream(m, ids[2], 24, compile=True)) == ref[2, ids.shape[1]:].tolist()
