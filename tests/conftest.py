@@ -35,3 +35,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """A parity test whose reference breaks on this torch is skipped, saying why, not failed:
+    transformers 4.x's own mask code writes through an expanded view, which torch 2.4 refuses
+    (Mistral's sliding window, Qwen2, some PEFT cases). Only that error, raised inside
+    transformers' masking_utils, on torch < 2.5; lmstack's side of such tests runs elsewhere."""
+    outcome = yield
+    from lmstack.kernels import TORCH_VERSION
+
+    if outcome.excinfo is None or TORCH_VERSION >= (2, 5):
+        return
+    _, exc, tb = outcome.excinfo
+    import traceback
+
+    in_masks = any("transformers/masking_utils.py" in f.filename.replace("\\", "/") for f in traceback.extract_tb(tb))
+    if isinstance(exc, RuntimeError) and in_masks and "refers to a single memory location" in str(exc):
+        outcome.force_exception(pytest.skip.Exception(
+            "transformers' mask code fails on this torch (it writes through an expanded view): no reference",
+            _use_item_location=True))

@@ -114,3 +114,30 @@ def edit_json(path, **changes):
             obj[k] = v
     path.write_text(json.dumps(obj))
     return path.parent
+
+
+def hf_is_5() -> bool:
+    import transformers as tf
+
+    from lmstack.kernels import version_tuple
+
+    return version_tuple(tf.__version__) >= (5, 0)
+
+
+def hf_rope_fields(params: dict) -> dict:
+    """Config keywords for RoPE ``params`` (transformers 5's ``rope_parameters``: rope_type, rope_theta
+    and the scaling's fields) in the installed transformers' spelling: 4.x takes ``rope_theta`` and
+    ``rope_scaling`` (None when plain), and keeps an unknown ``rope_parameters`` without using it."""
+    if hf_is_5():
+        return {"rope_parameters": dict(params)}
+    rest = {k: v for k, v in params.items() if k != "rope_theta"}
+    return {"rope_theta": params.get("rope_theta", 10000.0),
+            "rope_scaling": None if rest.get("rope_type", "default") == "default" else rest}
+
+
+def hf_rope(hc) -> dict:
+    """An HF config's RoPE as transformers 5's ``rope_parameters`` dict, whichever version made it."""
+    params = getattr(hc, "rope_parameters", None)
+    if params:
+        return dict(params)
+    return {"rope_type": "default", **(getattr(hc, "rope_scaling", None) or {}), "rope_theta": hc.rope_theta}

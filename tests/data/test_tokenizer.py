@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from lmstack.data.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, Tokenizer
 
+from ..hf_models import hf_is_5
+
 CORPUS = ["the quick brown fox jumps over the lazy dog. " * 20,
           "To be, or not to be, that is the question:\n" * 20,
           "naïve café — 東京 😀 <|eos|> tab\tnewline\n" * 10]
@@ -112,11 +114,12 @@ def test_special_tokens_map_fallback(tok, tmp_path, modern):
     (tmp_path / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": EOS, "eos_token": {"content": PAD}, "unk_token": BOS}))
     loaded = Tokenizer.from_file(tmp_path)
-    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
     want = (None, 1, 2) if modern else (1, 2, 2)
     assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == want
-    assert want == (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id)
-    assert loaded.special_tokens == theirs.special_tokens_map
+    if hf_is_5():  # transformers 4.x reads such folders otherwise
+        theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+        assert want == (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id)
+        assert loaded.special_tokens == theirs.special_tokens_map
 
 
 def test_generation_config_stop_ids(tok, tmp_path):

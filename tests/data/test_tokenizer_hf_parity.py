@@ -23,7 +23,11 @@ transformers = pytest.importorskip("transformers")
 
 from lmstack.data.tokenizer import Tokenizer  # noqa: E402
 
+from ..hf_models import hf_is_5  # noqa: E402
 from ..hf_tokenizers import LLAMA3_RE, QWEN_RE, byte_level_bpe  # noqa: E402
+
+# lmstack reads tokenizer folders as transformers 5 does; 4.x reads some of these differently
+pytestmark = pytest.mark.skipif(not hf_is_5(), reason="pins transformers 5's reading of tokenizer folders")
 
 CORPUS = ["You are a helpful assistant. What is the weather in Paris today? It is sunny, 22 degrees.\n" * 10,
           "Hello world, hello there! The quick brown fox jumps over the lazy dog. naïve café 東京 😀\n" * 10,

@@ -25,7 +25,7 @@ from lmstack.interop import from_hf, to_hf  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from ..hf_models import load_hf  # noqa: E402
+from ..hf_models import hf_is_5, load_hf  # noqa: E402
 
 V = 128
 CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
@@ -278,6 +278,8 @@ PARITY_CASES = {
 
 @pytest.mark.parametrize("name", list(PARITY_CASES))
 def test_configs_in_the_wild_match_transformers(tmp_path, seed, name):
+    if "rope_parameters" in name and not hf_is_5():
+        pytest.skip("transformers 4.x does not read the rope_parameters spelling (5.x's): no reference")
     family, fields, edit, T = PARITY_CASES[name]
     path = _hf_folder(tmp_path / "hf", family, edit=edit, **fields)
     ref = load_hf(path)

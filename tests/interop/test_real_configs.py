@@ -26,7 +26,7 @@ from lmstack.interop import from_hf, to_hf  # noqa: E402
 from tokenizers import AddedToken, models, pre_tokenizers, processors, trainers  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
-from ..hf_models import load_hf  # noqa: E402
+from ..hf_models import hf_rope, load_hf  # noqa: E402
 from ..hf_tokenizers import LLAMA3_RE, QWEN_RE, byte_level_bpe  # noqa: E402
 
 V = 256
@@ -77,10 +77,11 @@ def _as_4x(path: Path) -> None:
     """Rewrite config.json as transformers 4.x wrote it: rope_theta + rope_scaling (null when plain),
     torch_dtype, no layer_types; Qwen2 keeps its (unused) sliding_window number."""
     cfg = json.loads((path / "config.json").read_text())
-    rope = dict(cfg.pop("rope_parameters"))
-    cfg["rope_theta"] = rope.pop("rope_theta")
-    cfg["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
-    cfg["torch_dtype"] = cfg.pop("dtype")
+    if "rope_parameters" in cfg:  # (a transformers 4.x wrote rope_theta + rope_scaling itself)
+        rope = dict(cfg.pop("rope_parameters"))
+        cfg["rope_theta"] = rope.pop("rope_theta")
+        cfg["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+    cfg["torch_dtype"] = cfg.pop("dtype", cfg.get("torch_dtype"))
     cfg.pop("layer_types", None)
     if cfg["model_type"] == "qwen2" and cfg.get("sliding_window") is None:
         cfg["sliding_window"] = 4
@@ -128,7 +129,7 @@ def test_from_hf_real_config_logits(tmp_path, seed, name, spelling):
     c, hc = m.config, hf.config
     assert (c.tie_embeddings, c.qkv_bias, c.head_dim, c.sliding_window) == (
         hc.tie_word_embeddings, CONFIGS[name][0] == "qwen2", _head_dim(hc), None)
-    assert c.rope_theta == hc.rope_parameters["rope_theta"]
+    assert c.rope_theta == hf_rope(hc)["rope_theta"]
     theirs = load_hf(path)  # transformers reads the rewritten 4.x file as it read its own
     x = torch.randint(0, V, (2, 24))
     for offset in (0, 20000):  # far positions: llama3 scaling changes the low frequencies there
@@ -173,8 +174,8 @@ def test_to_hf_real_config_reloads_in_transformers(tmp_path, seed, name):
     out = to_hf(m, tmp_path / "out", max_shard_bytes=40_000)
     back = load_hf(out)
     a, b = back.config, hf.config
-    assert (a.tie_word_embeddings, _head_dim(a), a.rope_parameters, getattr(a, "sliding_window", None)) == (
-        b.tie_word_embeddings, _head_dim(b), b.rope_parameters, getattr(b, "sliding_window", None))
+    assert (a.tie_word_embeddings, _head_dim(a), hf_rope(a), getattr(a, "sliding_window", None)) == (
+        b.tie_word_embeddings, _head_dim(b), hf_rope(b), getattr(b, "sliding_window", None))
     x = torch.randint(0, V, (2, 24))
     for offset in (0, 20000):
         assert _max_diff(m, back, x, offset)[0] <= 1e-4

@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 import lmstack  # noqa: E402
 from lmstack.interop import from_hf, to_hf  # noqa: E402
 
-from ..hf_models import no_special_tokens, ragged_batch  # noqa: E402
+from ..hf_models import hf_rope_fields, no_special_tokens, ragged_batch  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,26 +39,26 @@ FAR = 4000  # positions ~4000: RoPE angles large enough that table precision mat
 
 # case -> (family, config fields, first position of the test rows)
 CASES = {
-    "llama-theta5e5": ("llama", dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+    "llama-theta5e5": ("llama", dict(**hf_rope_fields({"rope_type": "default", "rope_theta": 5e5}),
                                      max_position_embeddings=4200), FAR),
-    "llama-linear": ("llama", dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
+    "llama-linear": ("llama", dict(**hf_rope_fields({"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5}),
                                    max_position_embeddings=4200), FAR),
     "llama-llama3-tied-mqa": ("llama", dict(
-        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 512, "rope_theta": 5e5},
+        **hf_rope_fields({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 512, "rope_theta": 5e5}),
         max_position_embeddings=4200, tie_word_embeddings=True, num_key_value_heads=1), FAR),
     # dynamic NTK scales past max_position_embeddings (the original context): ~4000 > 512
-    "llama-dynamic": ("llama", dict(rope_parameters={"rope_type": "dynamic", "factor": 8.0, "rope_theta": 5e5},
+    "llama-dynamic": ("llama", dict(**hf_rope_fields({"rope_type": "dynamic", "factor": 8.0, "rope_theta": 5e5}),
                                     max_position_embeddings=512), FAR),
-    "llama-yarn": ("llama", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5,
-                                                  "original_max_position_embeddings": 1050},
+    "llama-yarn": ("llama", dict(**hf_rope_fields({"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5,
+                                                  "original_max_position_embeddings": 1050}),
                                  max_position_embeddings=4200), FAR),
-    "qwen2-bias-tied": ("qwen2", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    "qwen2-bias-tied": ("qwen2", dict(**hf_rope_fields({"rope_type": "default", "rope_theta": 1e6}),
                                       max_position_embeddings=4200, tie_word_embeddings=True), FAR),
     "qwen2-bias-untied-mha": ("qwen2", dict(max_position_embeddings=256, tie_word_embeddings=False,
                                             num_key_value_heads=4), 0),
     "mistral-window": ("mistral", dict(sliding_window=7, max_position_embeddings=4200,
-                                       rope_parameters={"rope_type": "default", "rope_theta": 1e6}), FAR),
+                                       **hf_rope_fields({"rope_type": "default", "rope_theta": 1e6})), FAR),
 }
 
 

@@ -117,7 +117,8 @@ def stream_seed(*parts: int) -> int:
     """A generator seed for the draw named by ``parts`` (seed, step, micro-batch ...): distinct
     tuples give unrelated seeds (numpy's SeedSequence hashes the whole tuple; a negative seed is
     taken modulo 2**64)."""
-    return int(np.random.SeedSequence([int(p) % 2**64 for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+    state = np.random.SeedSequence([int(p) % 2**64 for p in parts]).generate_state(1, np.uint64)[0]
+    return int(state) >> 1  # a Python int shift: numpy < 2 has no uint64 >> int64
 
 
 class TrainingDiverged(RuntimeError):
