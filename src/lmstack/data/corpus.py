@@ -241,9 +241,7 @@ def build_dataset(name: str, train_docs: dict[str, str], val_docs: dict[str, str
     out = Path(home) / "data" / name
     with atomic_dir(out) as tmp:
         tok.save(tmp / "tokenizer.json")
-        special = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "pad_token": tok.pad_id}
-        (tmp / "tokenizer_config.json").write_text(json.dumps(
-            {k: None if i is None else tok.id_to_token(i) for k, i in special.items()}, indent=1))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok.hf_config(), indent=1))
         train.tofile(tmp / "train.bin")
         val.tofile(tmp / "val.bin")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -283,6 +283,14 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(i)
 
+    def hf_config(self) -> dict:
+        """A tokenizer_config.json for a folder holding this tokenizer.json: the class that reads
+        tokenizer.json as it is (transformers 4.x's AutoTokenizer needs one, or a model's
+        config.json) and the BOS/EOS/pad token names (null where there is none)."""
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
+        return {"tokenizer_class": "PreTrainedTokenizerFast",
+                **{k: None if i is None else self.id_to_token(i) for k, i in names.items()}}
+
     def token_to_id(self, s: str) -> int | None:
         return self.hf.token_to_id(s)
 

@@ -330,11 +330,9 @@ def to_hf(model: Transformer, out_dir: str | Path, *, max_shard_bytes: int = 5 *
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
             if tok is not None and not (tmp / "tokenizer_config.json").is_file():  # a tokenizer lmstack trained
-                names = {k: tok.id_to_token(i) for k, i in
-                         (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("pad_token", tok.pad_id)) if i is not None}
+                config = {k: v for k, v in tok.hf_config().items() if v is not None}
                 (tmp / "tokenizer_config.json").write_text(json.dumps(
-                    {"tokenizer_class": "PreTrainedTokenizerFast", **names, "model_max_length": cfg.max_seq_len},
-                    indent=2) + "\n")
+                    {**config, "model_max_length": cfg.max_seq_len}, indent=2) + "\n")
     return out_dir
 
 
