@@ -124,15 +124,18 @@ def hf_is_5() -> bool:
     return version_tuple(tf.__version__) >= (5, 0)
 
 
-def hf_rope_fields(params: dict) -> dict:
-    """Config keywords for RoPE ``params`` (transformers 5's ``rope_parameters``: rope_type, rope_theta
-    and the scaling's fields) in the installed transformers' spelling: 4.x takes ``rope_theta`` and
-    ``rope_scaling`` (None when plain), and keeps an unknown ``rope_parameters`` without using it."""
-    if hf_is_5():
-        return {"rope_parameters": dict(params)}
+def rope_as_4x(params: dict) -> dict:
+    """transformers 5's ``rope_parameters`` (rope_type, rope_theta and the scaling's fields) as 4.x
+    spells them: ``rope_theta`` and ``rope_scaling`` (None when plain)."""
     rest = {k: v for k, v in params.items() if k != "rope_theta"}
     return {"rope_theta": params.get("rope_theta", 10000.0),
             "rope_scaling": None if rest.get("rope_type", "default") == "default" else rest}
+
+
+def hf_rope_fields(params: dict) -> dict:
+    """Config keywords for RoPE ``params`` (5.x's ``rope_parameters``) in the installed transformers'
+    spelling: 4.x keeps an unknown ``rope_parameters`` without using it, so it gets ``rope_as_4x``."""
+    return {"rope_parameters": dict(params)} if hf_is_5() else rope_as_4x(params)
 
 
 def hf_rope(hc) -> dict:

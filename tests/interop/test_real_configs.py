@@ -26,7 +26,7 @@ from lmstack.interop import from_hf, to_hf  # noqa: E402
 from tokenizers import AddedToken, models, pre_tokenizers, processors, trainers  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
-from ..hf_models import hf_rope, load_hf  # noqa: E402
+from ..hf_models import hf_rope, load_hf, rope_as_4x  # noqa: E402
 from ..hf_tokenizers import LLAMA3_RE, QWEN_RE, byte_level_bpe  # noqa: E402
 
 V = 256
@@ -78,9 +78,7 @@ def _as_4x(path: Path) -> None:
     torch_dtype, no layer_types; Qwen2 keeps its (unused) sliding_window number."""
     cfg = json.loads((path / "config.json").read_text())
     if "rope_parameters" in cfg:  # (a transformers 4.x wrote rope_theta + rope_scaling itself)
-        rope = dict(cfg.pop("rope_parameters"))
-        cfg["rope_theta"] = rope.pop("rope_theta")
-        cfg["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+        cfg.update(rope_as_4x(cfg.pop("rope_parameters")))
     cfg["torch_dtype"] = cfg.pop("dtype", cfg.get("torch_dtype"))
     cfg.pop("layer_types", None)
     if cfg["model_type"] == "qwen2" and cfg.get("sliding_window") is None:
