@@ -285,8 +285,9 @@ def _load_for_generation(args):
 
 def _decoding_settings(args, folder: Path) -> dict:
     """lmstack.generate's keywords: those given on the command line, else the folder's
-    generation_config.json read as transformers' generate() reads it, else temperature 0.8 and
-    200 new tokens. Fields of the file that lmstack does not implement are named on stderr."""
+    generation_config.json read as transformers' generate() reads it, else temperature 0.8 (0,
+    deterministic beam search, with --num-beams) and 200 new tokens (or the file's max_length,
+    prompt included). Fields of the file that lmstack does not implement are named on stderr."""
     from .interop import generation_settings, unsupported_generation_settings
 
     given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -296,18 +297,15 @@ def _decoding_settings(args, folder: Path) -> dict:
                  early_stopping=args.early_stopping)
     given = {k: v for k, v in given.items() if v is not None}
     from_file = generation_settings(folder)
-    # The file's beam search is off with --num-beams 1, and with --temperature > 0 alone: there
-    # transformers would sample the beams (beam sampling, which lmstack does not implement), and
-    # plain sampling is what the flag asks for.
-    if given.get("num_beams", 2) <= 1 or ("num_beams" not in given and given.get("temperature", 0) > 0):
+    if given.get("num_beams", 2) <= 1:  # --num-beams 1 turns the file's beam search off
         for key in BEAM_KEYS:
             from_file.pop(key, None)
-    kw = {"temperature": DEFAULT_TEMPERATURE, "max_new_tokens": 200, **from_file, **given}
-    if kw.get("num_beams", 1) > 1 and kw["temperature"] > 0:
-        where = "--num-beams" if "num_beams" in given else f"{folder / 'generation_config.json'}'s num_beams"
-        raise ValueError(f"{where} asks for beam search ({kw['num_beams']} beams) and the temperature is "
-                         f"{kw['temperature']}: lmstack has no beam sampling; pass --temperature 0 for beam "
-                         f"search or --num-beams 1 to sample")
+    kw = {**from_file, **given}
+    if "max_new_tokens" not in kw and "max_length" not in kw:  # (generate: max_new_tokens wins over max_length)
+        kw["max_new_tokens"] = 200
+    # With beams, a temperature > 0 (given or the file's) samples them, as transformers' beam sampling;
+    # with neither, --num-beams is transformers' deterministic beam search and one beam samples.
+    kw.setdefault("temperature", 0.0 if kw.get("num_beams", 1) > 1 else DEFAULT_TEMPERATURE)
     ignored = unsupported_generation_settings(folder)
     if ignored:
         fields = ", ".join(f"{k}={v!r}" for k, v in ignored.items())
@@ -492,18 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--hf", help="Hugging Face model directory (config.json + safetensors + tokenizer.json)")
     ge.add_argument("--prompt", required=True, help="prompt text (\\n for newlines)")
     ge.add_argument("--max-new-tokens", type=int, default=None,
-                    help="default: the model folder's generation_config.json max_new_tokens, else 200")
+                    help="default: the model folder's generation_config.json max_new_tokens (else its "
+                         "max_length, which counts the prompt too, as HF), else 200")
     ge.add_argument("--temperature", type=float, default=None,
                     help=f"0 = greedy. The decoding options default to the model folder's generation_config.json "
                          f"as HF generate reads it (greedy unless it sets do_sample, beam search with its "
-                         f"num_beams), else temperature {DEFAULT_TEMPERATURE} and no filters")
+                         f"num_beams), else temperature {DEFAULT_TEMPERATURE} (0 with --num-beams) and no filters; > 0 "
+                         f"with beams = beam sampling")
     ge.add_argument("--top-k", type=int, default=None)
     ge.add_argument("--top-p", type=float, default=None)
     ge.add_argument("--min-p", type=float, default=None)
     ge.add_argument("--typical-p", type=float, default=None)
     ge.add_argument("--repetition-penalty", type=float, default=None)
     ge.add_argument("--num-beams", type=int, default=None,
-                    help="> 1: beam search, as HF generate(num_beams=N, do_sample=False); printed when done")
+                    help="> 1: beam search, as HF generate(num_beams=N), printed when done: deterministic with "
+                         "--temperature 0, else beam sampling (HF's do_sample=True) with the filters given")
     ge.add_argument("--num-return-sequences", type=int, default=None,
                     help="beam search: print this many of the best hypotheses, best first, with their scores")
     ge.add_argument("--length-penalty", type=float, default=None,

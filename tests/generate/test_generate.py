@@ -138,6 +138,28 @@ def test_eos_matches_hf(models):
     assert generate(m, prompts, 24, pad_token_id=pad, eos_token_id=eos, stop_on_eos=False).sequences.shape[1] == T + 24
 
 
+def test_max_length_counts_the_prompt_as_hf(models):
+    """max_length caps prompt + new tokens (the padded prompt, in a batch), and max_new_tokens wins
+    when both are given, as in HF generate; the stream and beam search take it too."""
+    h, m = models
+    prompts, pad = ragged([5, 11, 2]), 3
+    ids, mask = hf_left_pad(prompts, pad)
+    with torch.no_grad():
+        ref = h.generate(ids, attention_mask=mask, max_length=20, do_sample=False, pad_token_id=pad)
+        both = h.generate(ids, attention_mask=mask, max_length=20, max_new_tokens=4, do_sample=False,
+                          pad_token_id=pad)
+        beams = h.generate(ids[:1], attention_mask=mask[:1], max_length=16, num_beams=3, do_sample=False,
+                           pad_token_id=pad)
+    assert ref.shape == (3, 20) and both.shape == (3, 15)
+    assert torch.equal(generate(m, prompts, max_length=20, pad_token_id=pad).sequences, ref)
+    assert torch.equal(generate(m, prompts, 4, max_length=20, pad_token_id=pad).sequences, both)
+    assert torch.equal(generate(m, ids[:1], max_length=16, num_beams=3, attention_mask=mask[:1],
+                                pad_token_id=pad).sequences, beams)
+    one = hf_greedy(h, torch.tensor(prompts[:1]), None, max_length=9)[0, 5:].tolist()  # 9 - 5 prompt tokens
+    assert len(one) == 4 and list(generate_stream(m, prompts[0], max_length=9)) == one
+    assert generate(m, [[1, 2]]).sequences.shape == (1, 66)  # neither: 64 new tokens
+
+
 def test_sampling_is_seeded(models):
     _, m = models
     ids = torch.randint(0, V, (3, 5))

@@ -224,7 +224,9 @@ def test_cli_generate_hf_without_tokenizer(dirs, capsys):
 # -- generate argument checking --------------------------------------------------------------------
 @pytest.mark.parametrize("name, kw", [
     ("max_new_tokens", dict(max_new_tokens=2.5)),  # was TypeError from torch.zeros in the cache
-    ("max_new_tokens", dict(max_new_tokens=None)),  # was TypeError: '<' between NoneType and int
+    ("max_new_tokens", dict(max_new_tokens="2")),
+    ("max_length", dict(max_new_tokens=None, max_length=2.5)),
+    ("max_length=3 counts the prompt's 3 tokens", dict(max_new_tokens=None, max_length=3)),
     ("temperature", dict(temperature="1")),  # was TypeError from the comparison
     ("top_p", dict(temperature=1.0, top_p="0.9")),  # was TypeError from the comparison
     ("top_k", dict(temperature=1.0, top_k=True)),  # was TypeError from torch.topk

@@ -101,6 +101,31 @@ def test_cli_generate_follows_the_folders_generation_config(tmp_path, capsys, fl
     assert capsys.readouterr().out == tok.decode(ids + new) + "\n"
 
 
+def test_max_length_from_the_file(tmp_path, capsys):
+    """A file's max_length (prompt + new tokens) bounds `lmstack generate` as it bounds HF generate(),
+    which reads the same file; the file's max_new_tokens, or --max-new-tokens, wins over it."""
+    from lmstack.cli import main
+
+    folder, tok = _cli_folder(tmp_path, {"max_length": 11})
+    assert generation_settings(folder) == {"temperature": 0.0, "max_length": 11}
+    ids = tok.encode("the quick brown fox")
+    assert len(ids) < 11
+    with torch.no_grad():
+        ref = load_hf(folder).generate(torch.tensor([ids]), pad_token_id=0)[0, len(ids):].tolist()
+    assert len(ref) == 11 - len(ids)
+    ref = ref[: ref.index(tok.eos_id) if tok.eos_id in ref else len(ref)]
+    assert main(["generate", "--hf", str(folder), "--prompt", "the quick brown fox", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == tok.decode(ids + ref) + "\n"
+    assert main(["generate", "--hf", str(folder), "--prompt", "the quick brown fox", "--device", "cpu",
+                 "--max-new-tokens", "12", "--no-stream"]) == 0
+    new = _hf_continuation(folder, ids)  # max_new_tokens=12 over the file's max_length, in HF too
+    assert len(new) > 11 - len(ids)
+    new = new[: new.index(tok.eos_id) if tok.eos_id in new else len(new)]
+    assert capsys.readouterr().out == tok.decode(ids + new) + "\n"
+    (folder / "generation_config.json").write_text(json.dumps({"max_length": 11, "max_new_tokens": 3}))
+    assert generation_settings(folder) == {"temperature": 0.0, "max_new_tokens": 3}
+
+
 def test_cli_flags_win_over_the_file(tmp_path, monkeypatch):
     """Each flag given overrides the file's value; the others keep it."""
     import sys
@@ -136,19 +161,17 @@ def _run_cli(capsys, folder, *flags):
     return rc, out, err
 
 
-def test_beam_search_from_the_file(tmp_path, capsys):
-    """A file with num_beams > 1: transformers' generate() runs beam search with the file's
-    length_penalty, early_stopping, num_return_sequences and max_new_tokens; `lmstack generate`
-    prints the same hypotheses, best first, with the same scores."""
-    folder, tok = _cli_folder(tmp_path, BEAM_FILE, scale=3.0)  # peaked: no near-ties between beams
-    settings = generation_settings(folder)
-    assert settings == {"temperature": 0.0, **BEAM_FILE}
+def _assert_cli_prints_hf_beams(capsys, folder, tok, *flags, seed=None):
+    """`lmstack generate` on ``folder`` prints HF generate()'s hypotheses (which it reads from the
+    folder's generation_config.json), best first, with the same scores; ``seed`` seeds both."""
     ids = tok.encode("the quick brown fox")
+    if seed is not None:
+        torch.manual_seed(seed)  # HF draws from the global generator; --seed seeds lmstack's with the same number
     with torch.no_grad():
         out = load_hf(folder).generate(torch.tensor([ids]), pad_token_id=0, eos_token_id=tok.stop_ids,
                                        output_scores=True, return_dict_in_generate=True)
     assert out.sequences.shape[0] == 2 and out.sequences.shape[1] <= len(ids) + 9
-    rc, printed, err = _run_cli(capsys, folder)
+    rc, printed, err = _run_cli(capsys, folder, *flags, *([] if seed is None else ["--seed", str(seed)]))
     assert rc == 0 and err == ""
     parts = re.split(r"--- (\d) of 2 \(score (-?[\d.]+)\)\n", printed)  # the texts may hold newlines
     assert parts[0] == "" and parts[1::3] == ["1", "2"], printed
@@ -158,11 +181,33 @@ def test_beam_search_from_the_file(tmp_path, capsys):
         new = out.sequences[r, len(ids):].tolist()
         end = next((i for i, t in enumerate(new) if t in tok.stop_ids), len(new))
         assert text == tok.decode(ids + new[:end])
+    return printed
+
+
+def test_beam_search_from_the_file(tmp_path, capsys):
+    """A file with num_beams > 1: transformers' generate() runs beam search with the file's
+    length_penalty, early_stopping, num_return_sequences and max_new_tokens; `lmstack generate`
+    prints the same hypotheses, best first, with the same scores."""
+    folder, tok = _cli_folder(tmp_path, BEAM_FILE, scale=3.0)  # peaked: no near-ties between beams
+    settings = generation_settings(folder)
+    assert settings == {"temperature": 0.0, **BEAM_FILE}
+    _assert_cli_prints_hf_beams(capsys, folder, tok)
+
+
+def test_beam_sampling_from_the_file(tmp_path, capsys, seed):
+    """do_sample with num_beams: transformers samples the beams (with its default top_k 50 here);
+    so does `lmstack generate`, and with the same seed it prints the same hypotheses and scores."""
+    beam_sample = {**BEAM_FILE, "do_sample": True, "temperature": 1.3, "top_p": 0.95}
+    folder, tok = _cli_folder(tmp_path, beam_sample)
+    assert generation_settings(folder) == {**BEAM_FILE, "temperature": 1.3, "top_k": 50, "top_p": 0.95}
+    s = seed % 10_000
+    printed = {_assert_cli_prints_hf_beams(capsys, folder, tok, seed=s + k) for k in range(3)}
+    assert len(printed) > 1  # the seed matters: beams are drawn, not searched
 
 
 def test_beam_flags_win_over_the_file(tmp_path, monkeypatch, capsys):
     """--num-beams and the beam flags override the file; --temperature > 0 over a file's beam search
-    samples one beam (as the flag asks: lmstack has no beam sampling)."""
+    samples its beams (as HF generate(do_sample=True) on that folder); --num-beams 1 samples one."""
     import sys
 
     gen_mod = sys.modules["lmstack.generate"]
@@ -188,19 +233,37 @@ def test_beam_flags_win_over_the_file(tmp_path, monkeypatch, capsys):
         "max_new_tokens": 5, "temperature": 0.0}
     assert beam["dtype"] == torch.float32 and not beam["compile"]
     assert sample["temperature"] == 0.9 and sample["max_new_tokens"] == 9 and sample["dtype"] == torch.bfloat16
-    assert not any(k in sample for k in ("num_beams", "num_return_sequences", "length_penalty", "early_stopping"))
+    assert {k: sample[k] for k in BEAM_FILE} == BEAM_FILE  # beam sampling with the file's beams
     assert greedy["num_beams"] == 1 and greedy["temperature"] == 0.0 and greedy["compile"]
 
 
-def test_beam_sampling_and_bad_beam_settings_are_one_line_errors(tmp_path, capsys):
+def test_num_beams_flag_without_a_file_is_beam_search(tmp_path, monkeypatch, capsys):
+    """No generation_config.json: --num-beams alone is HF's deterministic beam search (temperature 0,
+    not the CLI's sampling default), and with --temperature it samples the beams."""
+    import sys
+
+    gen_mod = sys.modules["lmstack.generate"]
+    folder, _ = _cli_folder(tmp_path, {})
+    (folder / "generation_config.json").unlink()
+    seen = []
+
+    def fake_generate(model, ids, **kw):
+        seen.append(kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(gen_mod, "generate", fake_generate)
+    monkeypatch.setattr(gen_mod, "generate_stream", fake_generate)
+    for flags in (["--num-beams", "3"], ["--num-beams", "3", "--temperature", "0.5"], []):
+        with pytest.raises(SystemExit):
+            _run_cli(capsys, folder, *flags)
+    assert [(kw.get("num_beams"), kw["temperature"]) for kw in seen] == [(3, 0.0), (3, 0.5), (None, 0.8)]
+
+
+def test_bad_beam_settings_are_one_line_errors(tmp_path, capsys):
     folder, _ = _cli_folder(tmp_path, {"do_sample": True, "temperature": 0.7, "num_beams": 4})
-    rc, out, err = _run_cli(capsys, folder)
-    assert rc == 2 and out == "" and len(err.splitlines()) == 1
-    assert "no beam sampling" in err and "--temperature 0" in err and "--num-beams 1" in err
-    for flags in (["--num-beams", "1", "--max-new-tokens", "3"], ["--temperature", "0", "--max-new-tokens", "3"]):
-        assert _run_cli(capsys, folder, *flags)[0] == 0  # either way out of it works
-    rc, _, err = _run_cli(capsys, folder, "--num-beams", "2", "--temperature", "0.5")
-    assert rc == 2 and err.startswith("lmstack generate: error: --num-beams asks for beam search")
+    rc, _, err = _run_cli(capsys, folder, "--num-beams", "4", "--top-k", "1", "--num-return-sequences", "4",
+                          "--max-new-tokens", "1")
+    assert rc == 2 and len(err.splitlines()) == 1 and "fewer than num_return_sequences=4" in err, err
     with pytest.raises(SystemExit):  # argparse: exit 2 with the usage
         _run_cli(capsys, folder, "--early-stopping", "sometimes")
     assert "pass true, false or never" in capsys.readouterr().err

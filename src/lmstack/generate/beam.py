@@ -32,6 +32,12 @@ HF's rules (transformers 5.x ``GenerationMixin._beam_search``), all matched here
 - Decoding stops when every prompt is done, when every store is full (``early_stopping=True``), or
   after ``max_new_tokens``. The ``num_return_sequences`` best hypotheses per prompt come back best
   first, cut to the longest of them; shorter ones are padded with ``pad_token_id``.
+
+Beam sampling (HF ``generate(num_beams=N, do_sample=True)``) changes only the candidates: the
+sampling processors (temperature, top-k, top-p, min-p, typical, keeping at least ``K / N`` tokens per
+beam) act on the log-probs, and the ``K`` candidates are drawn without replacement from
+``softmax(beam score + processed log-probs)`` over all ``N * V`` pairs (``torch.multinomial``, as HF,
+so a seed gives HF's draws), then sorted by score. Scores stay the processed log-probs, summed.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from .decode import GenerateOutput, Steps, is_int, padded_positions, prefill
-from .sampling import apply_repetition_penalty
+from .sampling import is_greedy, process_logits
 
 NEG_INF = float("-inf")
 DEAD_BEAM = -1e9  # HF's start score for beams 1..N-1: they exist but lose every first-step comparison
@@ -116,13 +122,25 @@ def can_improve(
 
 # -- one step ---------------------------------------------------------------------------------
 def top_candidates(
-    logp: torch.Tensor, beam_scores: torch.Tensor, k: int
+    logp: torch.Tensor, beam_scores: torch.Tensor, k: int, *, sample: bool = False,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best k (beam, token) extensions per prompt: scores (B, k) best first, source beam, token."""
+    """k (beam, token) extensions per prompt, the best (or, with ``sample``, k drawn without
+    replacement from the softmax of their scores): scores (B, k) best first, source beam, token."""
     B, N = beam_scores.shape
     V = logp.shape[-1]
     total = (logp.view(B, N, V) + beam_scores[..., None]).view(B, N * V)
-    scores, flat = total.topk(k, dim=1)  # (B, k)
+    if not sample:
+        scores, flat = total.topk(k, dim=1)  # (B, k)
+        return scores, flat // V, flat % V
+    try:
+        flat = torch.multinomial(torch.softmax(total, dim=-1), k, generator=generator)  # (B, k), drawn
+    except RuntimeError as e:  # NaN / inf scores: torch's message does not say where they came from
+        raise ValueError(f"beam sampling met scores with no distribution to draw from ({str(e).splitlines()[0]}): "
+                         f"the model's outputs are not finite (weights, fp16 overflow?) or logits / temperature "
+                         f"overflowed; check the model, or raise the temperature") from None
+    scores, order = total.gather(1, flat).sort(dim=-1, descending=True)
+    flat = flat.gather(1, order)
     return scores, flat // V, flat % V
 
 
@@ -140,9 +158,17 @@ def beam_search(
     eos: list[int],
     pad_id: int,
     repetition_penalty: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    typical_p: float | None = None,
+    generator: torch.Generator | None = None,
     steps: Steps | None = None,
 ) -> GenerateOutput:
-    """Beam search from prompts ids (B, T) (left-padded where ``pad_mask`` (B, T) is False).
+    """Beam search from prompts ids (B, T) (left-padded where ``pad_mask`` (B, T) is False); beam
+    sampling when ``temperature`` > 0, after the filters given, drawing from ``generator`` (None =
+    torch's global one, as HF).
 
     Returns ``GenerateOutput(sequences=(B * R, T + T_new), scores=(B * R,))``, R =
     ``num_return_sequences``: the R best hypotheses of prompt b at rows ``b * R ...``, best first.
@@ -150,6 +176,9 @@ def beam_search(
     check_beam_args(num_beams, num_return_sequences, length_penalty, early_stopping)
     N, R = num_beams, num_return_sequences
     penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
+    sample = not is_greedy(temperature)
+    processors = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+                      repetition_penalty=penalty)
     B, T = ids.shape
     total, dev = T + max_new_tokens, ids.device
     rows = torch.arange(B, device=dev).repeat_interleave(N)  # (B*N,) the prompt of each beam row
@@ -172,7 +201,7 @@ def beam_search(
         seq_mask[:, :T] = pad_mask[rows]
 
     eos_ids = torch.tensor(eos, dtype=torch.long, device=dev) if eos else None
-    K = max(2, 1 + len(eos)) * N
+    K = max(2, 1 + len(eos)) * N  # candidates per step; HF's filters keep K / N tokens per beam
     beam_scores = torch.zeros(B, N, dtype=torch.float32, device=dev)  # (B, N) summed log-probs of the running beams
     beam_scores[:, 1:] = DEAD_BEAM
     store = Hypotheses.empty(B, N, total, pad_id, dev)
@@ -182,9 +211,10 @@ def beam_search(
     for step in range(max_new_tokens):
         generated, last = step + 1, step == max_new_tokens - 1
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B*N, V)
-        if penalty is not None:
-            logp = apply_repetition_penalty(logp, seq[:, :t], penalty, None if seq_mask is None else seq_mask[:, :t])
-        cand, src, tok = top_candidates(logp, beam_scores, K)  # (B, K) each, best first
+        if penalty is not None or sample:
+            logp = process_logits(logp, seq[:, :t], input_mask=None if seq_mask is None else seq_mask[:, :t],
+                                  min_tokens_to_keep=K // N, **processors)
+        cand, src, tok = top_candidates(logp, beam_scores, K, sample=sample, generator=generator)  # (B, K), best first
         if last:
             ends = torch.ones_like(tok, dtype=torch.bool)
         elif eos_ids is not None:
@@ -202,8 +232,9 @@ def beam_search(
         if last:
             break
 
-        # The N best candidates that go on become the running beams.
-        alive = cand.masked_fill(ends, NEG_INF)
+        # The N best candidates that go on become the running beams. An ending one is pushed down by
+        # 1e9, not removed, as HF: it still outranks a removed token (-inf) that sampling drew.
+        alive = cand - 1e9 * ends
         keep = alive.topk(N, dim=1).indices  # (B, N), best first
         beam_scores = alive.gather(1, keep)
         beam_rows = (base + src.gather(1, keep)).flatten()  # (B*N,) cache row each new beam extends
@@ -220,7 +251,16 @@ def beam_search(
         if pos is not None:
             pos += 1
 
-    assert bool(store.full().all()), "beam search ended with an empty hypothesis slot"
+    # A returned slot that is empty (-inf), or holds a hypothesis grown from a dead start beam (its log-prob sum
+    # near DEAD_BEAM), is no real hypothesis: only sampling's filters, keeping too few tokens, leave one.
+    real = store.scores * store.lengths.float() ** length_penalty > DEAD_BEAM / 2  # (B, N)
+    short = ~real[:, :R].all(dim=1)  # (B,)
+    if bool(short.any()):
+        b = int(short.nonzero()[0])
+        found = int(real[b].sum())
+        raise ValueError(f"beam sampling found {found} hypotheses for prompt {b}, fewer than num_return_sequences={R}: "
+                         f"the filters (top_k={top_k}, top_p={top_p}, min_p={min_p}, typical_p={typical_p}) keep "
+                         f"too few tokens for num_beams={N}; loosen them, or lower num_beams or num_return_sequences")
     new = int(store.lengths[:, :R].max())  # longest returned hypothesis
     sequences = store.seqs[:, :R, : T + new].reshape(B * R, T + new)
     return GenerateOutput(sequences=sequences, scores=store.scores[:, :R].reshape(B * R))

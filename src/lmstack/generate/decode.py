@@ -407,7 +407,22 @@ def as_id_list(token_ids: int | Sequence[int] | torch.Tensor | None) -> list[int
     return [int(t) for t in ids]
 
 
-def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int) -> None:
+DEFAULT_NEW_TOKENS = 64  # when neither max_new_tokens nor max_length is given
+
+
+def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int | None,
+                 max_length: int | None = None) -> int:
+    """The number of new tokens to allow (checked against the model's context): ``max_new_tokens``,
+    else ``max_length`` less the (padded) prompt length, HF's total-length cap, else 64."""
+    if max_new_tokens is None and max_length is not None:
+        if not is_int(max_length):
+            raise ValueError(f"max_length={max_length!r} must be an integer (the prompt's tokens and the new ones)")
+        if max_length <= prompt_len:
+            raise ValueError(f"max_length={max_length} counts the prompt's {prompt_len} tokens too (as HF's), so it "
+                             f"leaves no room for new ones; raise it or pass max_new_tokens")
+        max_new_tokens = max_length - prompt_len
+    elif max_new_tokens is None:
+        max_new_tokens = DEFAULT_NEW_TOKENS
     if not is_int(max_new_tokens):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if max_new_tokens < 1:
@@ -421,6 +436,7 @@ def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int) -
             f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = {prompt_len + max_new_tokens} "
             f"exceeds the model context {context}; shorten the prompt or lower max_new_tokens"
         )
+    return int(max_new_tokens)
 
 
 def check_ids(model: torch.nn.Module, ids: torch.Tensor, pad_mask: torch.Tensor | None) -> None:
@@ -500,7 +516,7 @@ def make_chooser(
 def generate(
     model: torch.nn.Module,
     input_ids,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     *,
     temperature: float | None = 0.0,
     top_k: int | None = None,
@@ -519,8 +535,11 @@ def generate(
     stop_on_eos: bool = True,
     compile: bool = False,
     static_cache: bool | None = None,
+    max_length: int | None = None,
 ) -> GenerateOutput:
-    """Continue each prompt by up to ``max_new_tokens`` tokens.
+    """Continue each prompt by up to ``max_new_tokens`` tokens (default 64, or with ``max_length``,
+    HF's cap on prompt + new tokens, that less the padded prompt length; ``max_new_tokens`` wins
+    when both are given, as in HF).
 
     input_ids: (B, T) LongTensor or numpy array (left-padded rows need ``attention_mask``, 1 =
         token, 0 = padding, as HF; padding is never inferred from ``pad_token_id``), or a list of
@@ -540,8 +559,10 @@ def generate(
         step is one CUDA graph replay. None (default) = on when compiling on a CUDA device (or on
         torch 2.4). On a CPU the usual cache is faster (it attends over the filled slots only).
         The static cache stays allocated for the model's next call (``STATIC_CACHES``).
-    num_beams: > 1 = deterministic beam search (``lmstack.generate.beam``, HF's
-        ``generate(num_beams=N, do_sample=False)`` rules); needs temperature 0 or None.
+    num_beams: > 1 = beam search (``lmstack.generate.beam``, HF's ``generate(num_beams=N)``
+        rules): deterministic with temperature 0 or None, else beam sampling (HF's
+        ``do_sample=True``) after the filters given; with ``seed=None`` it draws from torch's global
+        generator, as HF does, so ``torch.manual_seed(s)`` before either gives the same beams.
     num_return_sequences: with beam search, how many of the best hypotheses per prompt to return
         (1 .. num_beams), best first: prompt b's are rows ``b * num_return_sequences ...``.
     length_penalty: beam search ranks finished hypotheses by ``sum log p / L ** length_penalty``,
@@ -566,22 +587,20 @@ def generate(
     pad_id = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else None)
     device = next(model.parameters()).device
     ids, pad_mask = prepare_inputs(input_ids, attention_mask, pad_id if pad_id is not None else 0, device)
-    check_length(model, ids.shape[1], max_new_tokens)
+    max_new_tokens = check_length(model, ids.shape[1], max_new_tokens, max_length)
     check_ids(model, ids, pad_mask)
     steps = Steps.for_device(device, compile=compile, static=static_cache)
     if num_beams > 1 or num_return_sequences != 1:
         from .beam import beam_search, check_beam_args  # imported here: beam builds on this module
 
         check_beam_args(num_beams, num_return_sequences, length_penalty, early_stopping)
-        if not is_greedy(temperature):
-            raise ValueError(f"num_beams={num_beams} is deterministic beam search; pass temperature=0 (got {temperature})")
-
         with cpu_decode_layout(model, compiled=compile), contextlib.closing(steps):
             return beam_search(
                 model, ids, pad_mask, max_new_tokens, num_beams=int(num_beams),
                 num_return_sequences=int(num_return_sequences),
                 length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
-                repetition_penalty=repetition_penalty, steps=steps,
+                repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
+                min_p=min_p, typical_p=typical_p, generator=make_generator(seed, device), steps=steps,
             )
     choose = make_chooser(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
@@ -644,7 +663,7 @@ def decode_loop(
 def generate_stream(
     model: torch.nn.Module,
     input_ids,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     *,
     temperature: float | None = 0.0,
     top_k: int | None = None,
@@ -656,11 +675,12 @@ def generate_stream(
     seed: int | None = None,
     compile: bool = False,
     static_cache: bool | None = None,
+    max_length: int | None = None,
 ) -> Iterator[int]:
     """Yield the new token ids of one prompt (a 1-D list or tensor of ids) one at a time, stopping
-    before an EOS id (which is not yielded). Same sampling, ``compile`` and ``static_cache``
-    keywords as ``generate``; the arguments are checked here, before the first token is asked
-    for. Like ``generate``, the stream decodes with the model's CPU decode layout
+    before an EOS id (which is not yielded). Same sampling, length (``max_new_tokens``,
+    ``max_length``), ``compile`` and ``static_cache`` keywords as ``generate``; the arguments are
+    checked here, before the first token is asked for. Like ``generate``, the stream decodes with the model's CPU decode layout
     (``cpu_decode_layout``), from the first token until the stream is exhausted or closed, so the
     model's weights must not change in between (its KV cache would be stale too)."""
     check_sampling_args(
@@ -673,7 +693,7 @@ def generate_stream(
         raise ValueError(f"generate_stream takes one prompt, a 1-D list or tensor of ids; got {tuple(prompt.shape)}")
     device = next(model.parameters()).device
     ids, _ = prepare_inputs(prompt, None, 0, device)  # (1, T)
-    check_length(model, ids.shape[1], max_new_tokens)
+    max_new_tokens = check_length(model, ids.shape[1], max_new_tokens, max_length)
     check_ids(model, ids, None)
     choose = make_chooser(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,

@@ -376,9 +376,9 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
     ({"temperature": 0.0}) unless it sets do_sample; when sampling, its temperature, top_k, top_p,
     min_p and typical_p, with transformers' defaults (temperature 1, top_k 50) for the unset ones;
     with num_beams > 1, beam search with its length_penalty, early_stopping and
-    num_return_sequences (transformers' defaults 1.0, False, 1); its repetition_penalty and
-    max_new_tokens either way (not max_length). do_sample with num_beams > 1 is beam sampling, which
-    lmstack.generate refuses. Stop ids come from the tokenizer (``Tokenizer.stop_ids``); fields
+    num_return_sequences (transformers' defaults 1.0, False, 1); its repetition_penalty either
+    way, and its max_new_tokens, else its max_length (prompt + new tokens). do_sample with num_beams > 1 gives both the
+    sampling and the beam keywords: beam sampling, as transformers. Stop ids come from the tokenizer (``Tokenizer.stop_ids``); fields
     lmstack does not implement are listed by ``unsupported_generation_settings``."""
     file = Path(folder) / "generation_config.json"
     gc = read_json_object(file)
@@ -393,9 +393,11 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
             out[key] = value
     if not sample:
         out["temperature"] = 0.0
-    for key in ("max_new_tokens", "num_beams"):
+    for key in ("max_new_tokens", "num_beams", "max_length"):
         if _number(file, key, gc.get(key), (int,)) is not None:
             out[key] = gc[key]
+    if "max_new_tokens" in out:  # transformers: max_new_tokens takes precedence
+        out.pop("max_length", None)
     if out.get("num_beams", 1) > 1:
         for key, default in _BEAM_DEFAULTS.items():
             value = gc.get(key)
