@@ -89,6 +89,26 @@ def ragged_batch(lengths, seed=0, *, vocab=128, pad=127):
     return ids, mask
 
 
+def hf_sorts_beam_samples() -> bool:
+    """Whether this transformers' beam sampling sorts the candidates it draws by score (5.24 does;
+    4.57 and 5.17 keep them in draw order, so their "best N" are the first N drawn). lmstack sorts,
+    so beam-sampling parity can only be checked against a transformers that sorts."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    fn = getattr(GenerationMixin, "_get_top_k_continuations", None)
+    return fn is not None and ".sort(" in inspect.getsource(fn)
+
+
+def needs_hf_sorting_beam_samples():
+    """A skip mark for beam-sampling parity tests under a transformers that does not sort."""
+    import pytest
+
+    return pytest.mark.skipif(not hf_sorts_beam_samples(), reason="this transformers keeps drawn beam candidates "
+                              "in draw order; newer ones (5.24), and lmstack, sort them: no reference")
+
+
 def hf_penalises_padding() -> bool:
     """Whether this transformers' ``generate`` counts left-padding tokens in ``repetition_penalty``
     (5.17 did; 5.24 leaves them out through the attention mask, as lmstack does). Parity tests of

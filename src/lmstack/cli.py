@@ -292,6 +292,7 @@ def _decoding_settings(args, folder: Path) -> dict:
 
     given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                  typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
+                 no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
                  max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                  num_return_sequences=args.num_return_sequences, length_penalty=args.length_penalty,
                  early_stopping=args.early_stopping)
@@ -502,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--min-p", type=float, default=None)
     ge.add_argument("--typical-p", type=float, default=None)
     ge.add_argument("--repetition-penalty", type=float, default=None)
+    ge.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                    help="n > 0: never repeat an n-gram of the prompt or the text so far (HF's no_repeat_ngram_size)")
+    ge.add_argument("--min-new-tokens", type=int, default=None, help="hold the stop tokens back until this many are out")
     ge.add_argument("--num-beams", type=int, default=None,
                     help="> 1: beam search, as HF generate(num_beams=N), printed when done: deterministic with "
                          "--temperature 0, else beam sampling (HF's do_sample=True) with the filters given")

@@ -14,9 +14,10 @@ import torch
 from lmstack.generate import generate
 from lmstack.generate.beam import top_candidates
 
-from ..hf_models import hf_penalises_padding, no_special_tokens, ragged_batch, tiny_hf
+from ..hf_models import hf_penalises_padding, needs_hf_sorting_beam_samples, no_special_tokens, ragged_batch, tiny_hf
 
 pytest.importorskip("transformers")
+needs_sorting_hf = needs_hf_sorting_beam_samples()
 
 V = 128
 PAD = V - 1
@@ -66,6 +67,7 @@ SETTINGS = {
 }
 
 
+@needs_sorting_hf
 @pytest.mark.parametrize("name", SETTINGS)
 def test_beam_sampling_matches_hf(llama, batch, seed, name):
     h, m = llama
@@ -98,6 +100,7 @@ def test_seed_none_draws_from_the_global_generator(llama, batch, seed):
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.scores, b.scores)
 
 
+@needs_sorting_hf
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
 def test_beam_sampling_matches_hf_other_families(family, seed):
     h, m = tiny_hf(family, seed=1)  # mistral: sliding window 8 < prompt + new tokens
@@ -117,6 +120,7 @@ def test_ragged_list_input_equals_padded_tensor(llama, batch, seed):
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.scores, b.scores)
 
 
+@needs_sorting_hf
 def test_filters_that_keep_too_few_tokens(llama, batch, seed):
     """8 beams, top_k=1 and one new token: only 2 real hypotheses per prompt (HF fills the other
     slots with placeholder rows scored -1e9): asking for 8 is a one-line error, for 2 matches HF."""
@@ -133,3 +137,14 @@ def test_no_distribution_to_draw_from():
     logp[1, 2] = float("nan")
     with pytest.raises(ValueError, match="beam sampling met scores with no distribution to draw from"):
         top_candidates(logp, torch.zeros(1, 2), 4, sample=True)
+
+
+def test_static_cache_draws_the_same_beams(llama, batch, seed):
+    """The static-shape cache (CUDA graphs' path) feeds beam sampling the same logits: same beams."""
+    _, m = llama
+    ids, mask = batch
+    kw = dict(num_beams=3, num_return_sequences=2, temperature=1.0, top_p=0.9, eos_token_id=EOS, pad_token_id=PAD,
+              attention_mask=mask, seed=seed)
+    a, b = generate(m, ids, 12, **kw), generate(m, ids, 12, static_cache=True, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=0)

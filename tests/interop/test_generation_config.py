@@ -17,7 +17,7 @@ import torch
 from lmstack.generate.sampling import process_logits
 from lmstack.interop import generation_settings
 
-from ..hf_models import load_hf, tiny_hf
+from ..hf_models import load_hf, needs_hf_sorting_beam_samples, tiny_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,6 +126,30 @@ def test_max_length_from_the_file(tmp_path, capsys):
     assert generation_settings(folder) == {"temperature": 0.0, "max_new_tokens": 3}
 
 
+@pytest.mark.parametrize("gen", [{"no_repeat_ngram_size": 1, "min_new_tokens": 6},
+                                 {"do_sample": False, "no_repeat_ngram_size": 1, "min_length": 12}])
+def test_ngram_ban_and_minimum_length_from_the_file(tmp_path, capsys, gen):
+    """The file's no_repeat_ngram_size, min_new_tokens and min_length: `lmstack generate` prints what
+    HF generate() gives on the same folder, and that differs from decoding without them (the ban
+    bites; the EOS hold is checked against HF in tests/generate/test_ngram_min_length.py)."""
+    from lmstack.cli import main
+
+    folder, tok = _cli_folder(tmp_path, gen, scale=3.0)  # peaked: greedy decoding repeats itself
+    assert generation_settings(folder) == {"temperature": 0.0, **{k: v for k, v in gen.items() if k != "do_sample"}}
+    ids = tok.encode("the quick brown fox")
+
+    def printed(*flags):
+        assert main(["generate", "--hf", str(folder), "--prompt", "the quick brown fox", "--device", "cpu",
+                     "--max-new-tokens", "12", *flags]) == 0
+        return capsys.readouterr().out
+
+    new = _hf_continuation(folder, ids, eos_token_id=tok.stop_ids)
+    new = new[: new.index(tok.eos_id) if tok.eos_id in new else len(new)]
+    assert printed() == tok.decode(ids + new) + "\n"
+    without = printed("--no-repeat-ngram-size", "0", "--min-new-tokens", "0")
+    assert without != tok.decode(ids + new) + "\n"
+
+
 def test_cli_flags_win_over_the_file(tmp_path, monkeypatch):
     """Each flag given overrides the file's value; the others keep it."""
     import sys
@@ -194,6 +218,7 @@ def test_beam_search_from_the_file(tmp_path, capsys):
     _assert_cli_prints_hf_beams(capsys, folder, tok)
 
 
+@needs_hf_sorting_beam_samples()
 def test_beam_sampling_from_the_file(tmp_path, capsys, seed):
     """do_sample with num_beams: transformers samples the beams (with its default top_k 50 here);
     so does `lmstack generate`, and with the same seed it prints the same hypotheses and scores."""
@@ -281,13 +306,13 @@ def test_fields_lmstack_does_not_implement_are_named(tmp_path, capsys):
     """transformers would apply them; lmstack says on stderr that it decodes without them."""
     from lmstack.interop import unsupported_generation_settings
 
-    gen = {"no_repeat_ngram_size": 3, "min_new_tokens": 2, "num_beam_groups": 1, "bad_words_ids": [],
+    gen = {"bad_words_ids": [[5]], "suppress_tokens": [7], "num_beam_groups": 1, "sequence_bias": None,
            "renormalize_logits": False, "encoder_repetition_penalty": 1.0}
     folder, _ = _cli_folder(tmp_path, gen)
-    assert unsupported_generation_settings(folder) == {"no_repeat_ngram_size": 3, "min_new_tokens": 2}
+    assert unsupported_generation_settings(folder) == {"bad_words_ids": [[5]], "suppress_tokens": [7]}
     rc, out, err = _run_cli(capsys, folder, "--max-new-tokens", "3", "--no-stream")
     assert rc == 0 and out.startswith("the quick brown fox")
     assert len(err.splitlines()) == 1
-    assert "sets no_repeat_ngram_size=3, min_new_tokens=2, which lmstack does not implement" in err
+    assert "sets bad_words_ids=[[5]], suppress_tokens=[7], which lmstack does not implement" in err
     (folder / "generation_config.json").unlink()
     assert unsupported_generation_settings(folder) == {}

@@ -163,6 +163,8 @@ def beam_search(
     top_p: float | None = None,
     min_p: float | None = None,
     typical_p: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    min_new_tokens: int = 0,
     generator: torch.Generator | None = None,
     steps: Steps | None = None,
 ) -> GenerateOutput:
@@ -178,7 +180,8 @@ def beam_search(
     penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
     sample = not is_greedy(temperature)
     processors = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-                      repetition_penalty=penalty)
+                      repetition_penalty=penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+    min_new_tokens = min_new_tokens if eos else 0
     B, T = ids.shape
     total, dev = T + max_new_tokens, ids.device
     rows = torch.arange(B, device=dev).repeat_interleave(N)  # (B*N,) the prompt of each beam row
@@ -195,8 +198,8 @@ def beam_search(
 
     seq = ids.new_full((B * N, total), pad_id)  # running beams; pad past the end (fills short hypotheses)
     seq[:, :T] = ids[rows]
-    seq_mask = None  # repetition penalty skips prompt padding, as HF's prompt_ignore_length does
-    if penalty is not None and pad_mask is not None:
+    seq_mask = None  # repetition penalty and n-gram ban skip prompt padding (HF: the penalty does)
+    if (penalty is not None or no_repeat_ngram_size) and pad_mask is not None:
         seq_mask = torch.ones(B * N, total, dtype=torch.bool, device=dev)
         seq_mask[:, :T] = pad_mask[rows]
 
@@ -211,9 +214,10 @@ def beam_search(
     for step in range(max_new_tokens):
         generated, last = step + 1, step == max_new_tokens - 1
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B*N, V)
-        if penalty is not None or sample:
+        held = eos_ids if step < min_new_tokens else None  # EOS waits for min_new_tokens
+        if penalty is not None or sample or no_repeat_ngram_size or held is not None:
             logp = process_logits(logp, seq[:, :t], input_mask=None if seq_mask is None else seq_mask[:, :t],
-                                  min_tokens_to_keep=K // N, **processors)
+                                  suppress_ids=held, min_tokens_to_keep=K // N, **processors)
         cand, src, tok = top_candidates(logp, beam_scores, K, sample=sample, generator=generator)  # (B, K), best first
         if last:
             ends = torch.ones_like(tok, dtype=torch.bool)

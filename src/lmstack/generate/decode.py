@@ -439,6 +439,12 @@ def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int | 
     return int(max_new_tokens)
 
 
+def held_back(min_new_tokens: int | None, min_length: int | None, prompt_len: int) -> int:
+    """How many new tokens must come before an EOS may: ``min_new_tokens``, or ``min_length`` (HF's,
+    counting the padded prompt) less the prompt, whichever is more."""
+    return max(min_new_tokens or 0, (min_length or 0) - prompt_len, 0)
+
+
 def check_ids(model: torch.nn.Module, ids: torch.Tensor, pad_mask: torch.Tensor | None) -> None:
     """Prompt ids must be vocabulary ids, or the placeholders -1 ... -n of a soft prompt placed in the
     text (``Transformer.soft_tokens``, ``lmstack.peft.soft_prompt_ids``)."""
@@ -477,25 +483,38 @@ def make_chooser(
     typical_p: float | None,
     repetition_penalty: float | None,
     generator: torch.Generator | None,
+    no_repeat_ngram_size: int | None = None,
+    min_new_tokens: int = 0,
+    eos: Sequence[int] = (),
+    prompt_len: int = 0,
 ):
     """A function (logits (B, V), ids so far (B, t), mask (B, t) | None) -> next tokens (B,).
 
-    Plain greedy gets a bare argmax: the decode loop calls this every step. ``choose.check()``
-    raises if sampling met a row with no distribution (NaN or inf logits), where HF's
+    The EOS ids are suppressed while fewer than ``min_new_tokens`` follow the ``prompt_len``
+    prompt tokens. Plain greedy gets a bare argmax: the decode loop calls this every step.
+    ``choose.check()`` raises if sampling met a row with no distribution (NaN or inf logits), where HF's
     ``torch.multinomial`` raises: the draws record it on the device, so checking costs one sync.
     """
     penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
-    if is_greedy(temperature) and penalty is None:
+    min_new_tokens = min_new_tokens if eos else 0  # (HF: no EOS, nothing to hold back)
+    if is_greedy(temperature) and penalty is None and not no_repeat_ngram_size and not min_new_tokens:
         choose = lambda logits, ids, mask: logits.argmax(dim=-1)  # noqa: E731
         choose.check = lambda: None
         return choose
     kw = dict(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, repetition_penalty=penalty
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, repetition_penalty=penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )
     invalid: list[torch.Tensor] = []  # a () bool flag on the logits' device, made at the first draw
+    eos_ids: list[torch.Tensor] = []  # on the logits' device, made at the first step
 
     def choose(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        scores = process_logits(logits.float(), ids, input_mask=mask, **kw)
+        held = None
+        if ids.shape[1] - prompt_len < min_new_tokens:
+            if not eos_ids:
+                eos_ids.append(torch.tensor(list(eos), dtype=torch.long, device=logits.device))
+            held = eos_ids[0]
+        scores = process_logits(logits.float(), ids, input_mask=mask, suppress_ids=held, **kw)
         if is_greedy(temperature):
             return scores.argmax(dim=-1)
         if not invalid:
@@ -524,6 +543,9 @@ def generate(
     min_p: float | None = None,
     typical_p: float | None = None,
     repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    min_new_tokens: int | None = None,
+    min_length: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -549,6 +571,10 @@ def generate(
         ``lmstack.generate.sampling.process_logits`` (HF's order and semantics). Each filter is off
         unless given: transformers' ``generate(do_sample=True)`` applies ``top_k=50`` when not told
         otherwise, so pass ``top_k=50`` to sample what it samples.
+    no_repeat_ngram_size: n > 0 = never produce an n-gram the row already holds (prompt included,
+        its padding not), in every mode, as HF's.
+    min_new_tokens, min_length: hold the EOS ids back until this many tokens are new (or, HF's
+        ``min_length``, until the padded prompt and the new tokens are this long).
     eos_token_id: an id or a list (ints, numpy integers or a tensor); once a row emits one, its
         later tokens are ``pad_token_id`` (default: the first EOS id) and decoding stops when
         every row has. ``stop_on_eos=False`` ignores EOS and always generates ``max_new_tokens``.
@@ -577,7 +603,8 @@ def generate(
     """
     check_sampling_args(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-        repetition_penalty=repetition_penalty,
+        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        min_new_tokens=min_new_tokens, min_length=min_length,
     )
     eos = as_id_list(eos_token_id) if stop_on_eos else []
     if pad_token_id is not None and not is_int(pad_token_id):
@@ -589,6 +616,7 @@ def generate(
     ids, pad_mask = prepare_inputs(input_ids, attention_mask, pad_id if pad_id is not None else 0, device)
     max_new_tokens = check_length(model, ids.shape[1], max_new_tokens, max_length)
     check_ids(model, ids, pad_mask)
+    min_new = held_back(min_new_tokens, min_length, ids.shape[1])
     steps = Steps.for_device(device, compile=compile, static=static_cache)
     if num_beams > 1 or num_return_sequences != 1:
         from .beam import beam_search, check_beam_args  # imported here: beam builds on this module
@@ -600,11 +628,13 @@ def generate(
                 num_return_sequences=int(num_return_sequences),
                 length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
                 repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
-                min_p=min_p, typical_p=typical_p, generator=make_generator(seed, device), steps=steps,
+                min_p=min_p, typical_p=typical_p, no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new,
+                generator=make_generator(seed, device), steps=steps,
             )
     choose = make_chooser(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         repetition_penalty=repetition_penalty, generator=make_generator(seed, device),
+        no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new, eos=eos, prompt_len=ids.shape[1],
     )
     with cpu_decode_layout(model, compiled=compile), contextlib.closing(steps), torch.inference_mode():
         seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0, steps=steps)
@@ -671,6 +701,9 @@ def generate_stream(
     min_p: float | None = None,
     typical_p: float | None = None,
     repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    min_new_tokens: int | None = None,
+    min_length: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     compile: bool = False,
@@ -685,7 +718,8 @@ def generate_stream(
     model's weights must not change in between (its KV cache would be stale too)."""
     check_sampling_args(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-        repetition_penalty=repetition_penalty,
+        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        min_new_tokens=min_new_tokens, min_length=min_length,
     )
     refuse_text(input_ids)
     prompt = torch.as_tensor(input_ids)  # its own dtype: prepare_inputs refuses float and bool ids
@@ -695,12 +729,15 @@ def generate_stream(
     ids, _ = prepare_inputs(prompt, None, 0, device)  # (1, T)
     max_new_tokens = check_length(model, ids.shape[1], max_new_tokens, max_length)
     check_ids(model, ids, None)
+    eos = as_id_list(eos_token_id)
     choose = make_chooser(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         repetition_penalty=repetition_penalty, generator=make_generator(seed, device),
+        no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=held_back(min_new_tokens, min_length, ids.shape[1]),
+        eos=eos, prompt_len=ids.shape[1],
     )
     steps = Steps.for_device(device, compile=compile, static=static_cache)
-    return stream_loop(model, ids, max_new_tokens, choose, eos=set(as_id_list(eos_token_id)), steps=steps)
+    return stream_loop(model, ids, max_new_tokens, choose, eos=set(eos), steps=steps)
 
 
 @torch.inference_mode()  # on a generator: the mode is entered around each resume, not left on between yields

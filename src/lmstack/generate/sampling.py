@@ -1,10 +1,11 @@
-"""Logits processors and sampling: repetition penalty (Keskar et al. 2019), temperature, top-k
-(Fan et al. 2018), nucleus / top-p (Holtzman et al. 2019), min-p (Nguyen et al. 2024) and locally
-typical sampling (Meister et al. 2022), then a draw by the exponential race.
+"""Logits processors and sampling: repetition penalty (Keskar et al. 2019), the n-gram ban (Paulus
+et al. 2017), EOS held back for a minimum length, temperature, top-k (Fan et al. 2018), nucleus /
+top-p (Holtzman et al. 2019), min-p (Nguyen et al. 2024) and locally typical sampling (Meister et
+al. 2022), then a draw by the exponential race.
 
 Each processor is a pure function on float logits (B, V) that returns new logits with the removed
 tokens at -inf. ``process_logits`` chains them in the order HF ``generate(do_sample=True)`` does:
-repetition penalty, temperature, top-k, top-p, min-p, typical, with HF's tie and
+repetition penalty, n-gram ban, held-back EOS, temperature, top-k, top-p, min-p, typical, with HF's tie and
 ``min_tokens_to_keep`` rules, so the same settings keep the same tokens. Sampling draws
 ``argmax(p / E)`` with ``E ~ Exponential(1)`` i.i.d. per token, which picks token i with probability
 p_i (the smallest of independent exponentials E_i / p_i wins with probability p_i / sum p): no
@@ -39,6 +40,37 @@ def apply_repetition_penalty(
     seen = torch.gather(padded, 1, ids)  # (B, T)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return padded.scatter(1, ids, seen)[:, :V]
+
+
+def no_repeat_ngram_filter(
+    logits: torch.Tensor, input_ids: torch.Tensor, n: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Remove every token that would complete an ``n``-gram already in ``input_ids`` (B, T)
+    (fairseq's and HF's ``no_repeat_ngram_size``): the tokens that followed each earlier occurrence
+    of the last ``n - 1`` tokens. ``mask`` (B, T) False marks positions that are not text (left
+    padding): an n-gram through one does not count (HF counts them, which differs only when the
+    padding id is also generated)."""
+    B, T = input_ids.shape
+    V = logits.shape[-1]
+    if T < n:  # no complete n-gram yet
+        return logits
+    grams = input_ids.unfold(1, n, 1)  # (B, T - n + 1, n): every n-gram so far
+    # the next token completes an n-gram like one of these if their first n - 1 tokens are the last n - 1
+    hit = (grams[..., :-1] == input_ids[:, None, T - n + 1:]).all(dim=-1)  # (B, T - n + 1)
+    if mask is not None:
+        mask = mask.bool()
+        hit &= mask.unfold(1, n, 1).all(dim=-1) & mask[:, T - n + 1:].all(dim=-1, keepdim=True)
+    nxt = grams[..., -1]  # (B, T - n + 1) the token that completed each n-gram
+    banned = torch.where(hit & (nxt >= 0) & (nxt < V), nxt, V)  # others land in a spare column
+    remove = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device).scatter_(1, banned, True)
+    return logits.masked_fill(remove[:, :V], NEG_INF)
+
+
+def suppress(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Set the logits of token ids (a 1-D tensor; ids past the vocabulary are ignored) to -inf: the
+    EOS ids until ``min_new_tokens`` are out."""
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    return logits.masked_fill(torch.isin(vocab, ids), NEG_INF)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -103,20 +135,27 @@ def process_logits(
     min_p: float | None = None,
     typical_p: float | None = None,
     repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    suppress_ids: torch.Tensor | None = None,
     input_mask: torch.Tensor | None = None,
     min_tokens_to_keep: int = 1,
 ) -> torch.Tensor:
     """All processors in HF ``generate``'s order; ``None`` (or a neutral value) skips one.
 
-    Greedy (``temperature`` 0 or None) applies only the repetition penalty, as HF does with
+    Greedy (``temperature`` 0 or None) applies only the repetition penalty, the n-gram ban and
+    ``suppress_ids`` (1-D, the EOS ids while ``min_new_tokens`` are not out), as HF does with
     ``do_sample=False``: the others cannot change the argmax (typical could, and HF skips it too).
-    ``input_ids`` (B, T) is the sequence so far, needed only for the repetition penalty;
-    ``input_mask`` (B, T) False where a position must not count (padding).
+    ``input_ids`` (B, T) is the sequence so far, needed for the repetition penalty and the n-gram
+    ban; ``input_mask`` (B, T) False where a position must not count (padding).
     """
+    if (repetition_penalty not in (None, 1.0) or no_repeat_ngram_size) and input_ids is None:
+        raise ValueError("repetition_penalty and no_repeat_ngram_size need input_ids, the sequence generated so far")
     if repetition_penalty is not None and repetition_penalty != 1.0:
-        if input_ids is None:
-            raise ValueError("repetition_penalty needs input_ids, the sequence generated so far")
         logits = apply_repetition_penalty(logits, input_ids, repetition_penalty, input_mask)
+    if no_repeat_ngram_size:
+        logits = no_repeat_ngram_filter(logits, input_ids, no_repeat_ngram_size, input_mask)
+    if suppress_ids is not None:
+        logits = suppress(logits, suppress_ids)
     if is_greedy(temperature):
         return logits
     if temperature != 1.0:
@@ -158,8 +197,15 @@ def check_sampling_args(
     min_p: float | None,
     typical_p: float | None,
     repetition_penalty: float | None,
+    no_repeat_ngram_size: int | None = None,
+    min_new_tokens: int | None = None,
+    min_length: int | None = None,
 ) -> None:
     """Raise a one-line ValueError for a setting HF would reject too."""
+    for name, value in (("no_repeat_ngram_size", no_repeat_ngram_size), ("min_new_tokens", min_new_tokens),
+                        ("min_length", min_length)):
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{name}={value!r} must be a non-negative integer (None or 0 = off)")
     for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p), ("typical_p", typical_p),
                         ("repetition_penalty", repetition_penalty)):
         if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool)):

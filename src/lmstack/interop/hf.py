@@ -353,9 +353,9 @@ _BEAM_DEFAULTS = {"length_penalty": 1.0, "early_stopping": False, "num_return_se
 # generation_config.json fields that change transformers' output and that lmstack.generate does not
 # implement, with the values that leave them off
 _UNSUPPORTED = {
-    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "force_words_ids": None,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "force_words_ids": None,
     "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "min_length": 0, "min_new_tokens": None, "num_beam_groups": 1,
+    "forced_eos_token_id": None, "num_beam_groups": 1,
     "diversity_penalty": 0.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "exponential_decay_length_penalty": None,
     "penalty_alpha": None, "guidance_scale": None, "renormalize_logits": False, "encoder_repetition_penalty": 1.0,
     "dola_layers": None, "max_time": None, "stop_strings": None, "constraints": None, "top_h": None,
@@ -376,8 +376,9 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
     ({"temperature": 0.0}) unless it sets do_sample; when sampling, its temperature, top_k, top_p,
     min_p and typical_p, with transformers' defaults (temperature 1, top_k 50) for the unset ones;
     with num_beams > 1, beam search with its length_penalty, early_stopping and
-    num_return_sequences (transformers' defaults 1.0, False, 1); its repetition_penalty either
-    way, and its max_new_tokens, else its max_length (prompt + new tokens). do_sample with num_beams > 1 gives both the
+    num_return_sequences (transformers' defaults 1.0, False, 1); its repetition_penalty,
+    no_repeat_ngram_size, min_new_tokens and min_length either way, and its max_new_tokens, else
+    its max_length (prompt + new tokens). do_sample with num_beams > 1 gives both the
     sampling and the beam keywords: beam sampling, as transformers. Stop ids come from the tokenizer (``Tokenizer.stop_ids``); fields
     lmstack does not implement are listed by ``unsupported_generation_settings``."""
     file = Path(folder) / "generation_config.json"
@@ -393,7 +394,7 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
             out[key] = value
     if not sample:
         out["temperature"] = 0.0
-    for key in ("max_new_tokens", "num_beams", "max_length"):
+    for key in ("max_new_tokens", "num_beams", "max_length", "no_repeat_ngram_size", "min_new_tokens", "min_length"):
         if _number(file, key, gc.get(key), (int,)) is not None:
             out[key] = gc[key]
     if "max_new_tokens" in out:  # transformers: max_new_tokens takes precedence
