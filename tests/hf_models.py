@@ -76,6 +76,13 @@ def hf_generate(h, ids, mask, n, **kw):
     return out.sequences, getattr(out, "sequences_scores", None)
 
 
+def sharp_llama(seed: int = 0):
+    """A tiny random Llama (HF, lmstack) with weights scaled up 3x, so next-token distributions are
+    peaked and no greedy or beam comparison is a near-tie; no special tokens (a test passes its own)."""
+    h, m = tiny_hf("llama", scale=3.0, seed=seed)
+    return no_special_tokens(h), m
+
+
 def ragged_batch(lengths, seed=0, *, vocab=128, pad=127):
     """Random prompts of the given lengths (ids below ``pad``), left-padded with ``pad``:
     ids (B, T), mask (B, T) 0 at padding."""

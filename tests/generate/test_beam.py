@@ -11,7 +11,7 @@ import torch
 
 from lmstack.generate import generate
 
-from ..hf_models import hf_generate, no_special_tokens, ragged_batch, tiny_hf
+from ..hf_models import hf_generate, no_special_tokens, ragged_batch, sharp_llama, tiny_hf
 
 pytest.importorskip("transformers")
 
@@ -21,8 +21,7 @@ PAD = V - 1  # a pad id that is not the EOS id, so padded hypotheses are told ap
 
 @pytest.fixture(scope="module")
 def llama():
-    h, m = tiny_hf("llama", scale=3.0, seed=0)
-    return no_special_tokens(h), m
+    return sharp_llama()
 
 
 def eos_from_greedy(h, ids, mask, step=3):

@@ -12,7 +12,7 @@ import torch
 from lmstack.generate import generate, generate_stream
 from lmstack.generate.sampling import no_repeat_ngram_filter, process_logits
 
-from ..hf_models import hf_generate, hf_penalises_padding, no_special_tokens, ragged_batch, tiny_hf
+from ..hf_models import hf_generate, hf_penalises_padding, ragged_batch, sharp_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,8 +52,7 @@ def test_ngram_filter_skips_padding_and_odd_ids():
 
 @pytest.fixture(scope="module")
 def llama():
-    h, m = tiny_hf("llama", scale=3.0, seed=0)
-    return no_special_tokens(h), m
+    return sharp_llama()
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ CONFIGS = {
     "qwen2.5": {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05},
     "min-p-no-top-k": {"do_sample": True, "top_k": 0, "min_p": 0.05, "temperature": 1.5},
     "typical": {"do_sample": True, "typical_p": 0.9, "top_k": 100},
+    "epsilon": {"do_sample": True, "epsilon_cutoff": 0.02, "top_k": 0},
+    "eta": {"do_sample": True, "eta_cutoff": 0.005, "temperature": 0.8, "top_p": 0.95},
 }
 
 
@@ -306,13 +308,13 @@ def test_fields_lmstack_does_not_implement_are_named(tmp_path, capsys):
     """transformers would apply them; lmstack says on stderr that it decodes without them."""
     from lmstack.interop import unsupported_generation_settings
 
-    gen = {"bad_words_ids": [[5]], "suppress_tokens": [7], "num_beam_groups": 1, "sequence_bias": None,
+    gen = {"forced_eos_token_id": 5, "diversity_penalty": 0.5, "num_beam_groups": 1, "force_words_ids": None,
            "renormalize_logits": False, "encoder_repetition_penalty": 1.0}
     folder, _ = _cli_folder(tmp_path, gen)
-    assert unsupported_generation_settings(folder) == {"bad_words_ids": [[5]], "suppress_tokens": [7]}
+    assert unsupported_generation_settings(folder) == {"forced_eos_token_id": 5, "diversity_penalty": 0.5}
     rc, out, err = _run_cli(capsys, folder, "--max-new-tokens", "3", "--no-stream")
     assert rc == 0 and out.startswith("the quick brown fox")
     assert len(err.splitlines()) == 1
-    assert "sets bad_words_ids=[[5]], suppress_tokens=[7], which lmstack does not implement" in err
+    assert "sets forced_eos_token_id=5, diversity_penalty=0.5, which lmstack does not implement" in err
     (folder / "generation_config.json").unlink()
     assert unsupported_generation_settings(folder) == {}

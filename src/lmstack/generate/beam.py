@@ -49,7 +49,9 @@ from dataclasses import dataclass
 import torch
 
 from .decode import GenerateOutput, Steps, is_int, padded_positions, prefill
-from .sampling import is_greedy, process_logits
+from .sampling import HeldBack, is_greedy, process_logits
+
+FILTERS = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")  # named when they keep too few
 
 NEG_INF = float("-inf")
 DEAD_BEAM = -1e9  # HF's start score for beams 1..N-1: they exist but lose every first-step comparison
@@ -157,31 +159,25 @@ def beam_search(
     early_stopping: bool | str = False,
     eos: list[int],
     pad_id: int,
-    repetition_penalty: float | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    typical_p: float | None = None,
-    no_repeat_ngram_size: int | None = None,
-    min_new_tokens: int = 0,
+    processors: dict | None = None,
+    held: HeldBack | None = None,
     generator: torch.Generator | None = None,
     steps: Steps | None = None,
 ) -> GenerateOutput:
-    """Beam search from prompts ids (B, T) (left-padded where ``pad_mask`` (B, T) is False); beam
-    sampling when ``temperature`` > 0, after the filters given, drawing from ``generator`` (None =
-    torch's global one, as HF).
+    """Beam search from prompts ids (B, T) (left-padded where ``pad_mask`` (B, T) is False), with
+    ``process_logits``' ``processors`` (repetition penalty, n-gram ban, biases; none by default) on
+    the log-probs and ``held``'s ids banned at each step; beam sampling when their ``temperature``
+    is > 0, after the filters given, drawing from ``generator`` (None = torch's global one, as HF).
 
     Returns ``GenerateOutput(sequences=(B * R, T + T_new), scores=(B * R,))``, R =
     ``num_return_sequences``: the R best hypotheses of prompt b at rows ``b * R ...``, best first.
     """
     check_beam_args(num_beams, num_return_sequences, length_penalty, early_stopping)
     N, R = num_beams, num_return_sequences
-    penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
-    sample = not is_greedy(temperature)
-    processors = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-                      repetition_penalty=penalty, no_repeat_ngram_size=no_repeat_ngram_size)
-    min_new_tokens = min_new_tokens if eos else 0
+    processors = processors or {}
+    sample = not is_greedy(processors.get("temperature"))
+    uses_text = processors.get("repetition_penalty") not in (None, 1.0) or processors.get("no_repeat_ngram_size") \
+        or processors.get("bias") is not None  # processors that read the text so far
     B, T = ids.shape
     total, dev = T + max_new_tokens, ids.device
     rows = torch.arange(B, device=dev).repeat_interleave(N)  # (B*N,) the prompt of each beam row
@@ -198,8 +194,8 @@ def beam_search(
 
     seq = ids.new_full((B * N, total), pad_id)  # running beams; pad past the end (fills short hypotheses)
     seq[:, :T] = ids[rows]
-    seq_mask = None  # repetition penalty and n-gram ban skip prompt padding (HF: the penalty does)
-    if (penalty is not None or no_repeat_ngram_size) and pad_mask is not None:
+    seq_mask = None  # those skip prompt padding (HF: the repetition penalty does)
+    if uses_text and pad_mask is not None:
         seq_mask = torch.ones(B * N, total, dtype=torch.bool, device=dev)
         seq_mask[:, :T] = pad_mask[rows]
 
@@ -214,10 +210,10 @@ def beam_search(
     for step in range(max_new_tokens):
         generated, last = step + 1, step == max_new_tokens - 1
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B*N, V)
-        held = eos_ids if step < min_new_tokens else None  # EOS waits for min_new_tokens
-        if penalty is not None or sample or no_repeat_ngram_size or held is not None:
+        banned = held(step, dev) if held else None  # EOS before min_new_tokens, begin tokens at the first
+        if uses_text or sample or banned is not None:
             logp = process_logits(logp, seq[:, :t], input_mask=None if seq_mask is None else seq_mask[:, :t],
-                                  suppress_ids=held, min_tokens_to_keep=K // N, **processors)
+                                  suppress_ids=banned, min_tokens_to_keep=K // N, **processors)
         cand, src, tok = top_candidates(logp, beam_scores, K, sample=sample, generator=generator)  # (B, K), best first
         if last:
             ends = torch.ones_like(tok, dtype=torch.bool)
@@ -256,15 +252,16 @@ def beam_search(
             pos += 1
 
     # A returned slot that is empty (-inf), or holds a hypothesis grown from a dead start beam (its log-prob sum
-    # near DEAD_BEAM), is no real hypothesis: only sampling's filters, keeping too few tokens, leave one.
+    # near DEAD_BEAM), is no real hypothesis: only filters or bans that keep too few tokens leave one.
     real = store.scores * store.lengths.float() ** length_penalty > DEAD_BEAM / 2  # (B, N)
     short = ~real[:, :R].all(dim=1)  # (B,)
     if bool(short.any()):
         b = int(short.nonzero()[0])
         found = int(real[b].sum())
-        raise ValueError(f"beam sampling found {found} hypotheses for prompt {b}, fewer than num_return_sequences={R}: "
-                         f"the filters (top_k={top_k}, top_p={top_p}, min_p={min_p}, typical_p={typical_p}) keep "
-                         f"too few tokens for num_beams={N}; loosen them, or lower num_beams or num_return_sequences")
+        raise ValueError(f"beam {'sampling' if sample else 'search'} found {found} hypotheses for prompt {b}, fewer "
+                         f"than num_return_sequences={R}: the filters ({', '.join(f'{k}={processors.get(k)}' for k in FILTERS)}"
+                         f") or banned tokens keep too few tokens for num_beams={N}; loosen them, or lower num_beams or "
+                         f"num_return_sequences")
     new = int(store.lengths[:, :R].max())  # longest returned hypothesis
     sequences = store.seqs[:, :R, : T + new].reshape(B * R, T + new)
     return GenerateOutput(sequences=sequences, scores=store.scores[:, :R].reshape(B * R))

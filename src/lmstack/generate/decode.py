@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..kernels import TORCH_VERSION
-from .sampling import check_sampling_args, is_greedy, process_logits, sample
+from .sampling import HeldBack, check_sampling_args, is_greedy, process_logits, sample, token_biases
 
 if TYPE_CHECKING:
     from ..model.cache import KVCache
@@ -439,10 +439,28 @@ def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int | 
     return int(max_new_tokens)
 
 
-def held_back(min_new_tokens: int | None, min_length: int | None, prompt_len: int) -> int:
-    """How many new tokens must come before an EOS may: ``min_new_tokens``, or ``min_length`` (HF's,
-    counting the padded prompt) less the prompt, whichever is more."""
-    return max(min_new_tokens or 0, (min_length or 0) - prompt_len, 0)
+# generate's and generate_stream's keywords that process the logits (HF's logits processors)
+PROCESSING_KEYS = (
+    "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+    "no_repeat_ngram_size", "min_new_tokens", "min_length", "sequence_bias", "bad_words_ids", "suppress_tokens",
+    "begin_suppress_tokens",
+)
+
+
+def processing(
+    model: torch.nn.Module, eos: list[int], prompt_len: int, *, min_new_tokens: int | None, min_length: int | None,
+    sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens, **processors,
+) -> tuple[dict, HeldBack]:
+    """``generate``'s logits-processing keywords as ``process_logits``' keywords (``processors``, the
+    sequence biases compiled into ``bias``) and the ids held back at each step (``HeldBack``: EOS
+    until ``min_new_tokens``, or ``min_length`` less the padded prompt, are out; the begin tokens at
+    the first step)."""
+    device = next(model.parameters()).device
+    processors["bias"] = token_biases(sequence_bias=sequence_bias, bad_words_ids=bad_words_ids,
+                                      suppress_tokens=suppress_tokens, eos=eos, vocab_size=model.config.vocab_size,
+                                      device=device)
+    min_new = max(min_new_tokens or 0, (min_length or 0) - prompt_len, 0)
+    return processors, HeldBack(eos, min_new, begin_suppress_tokens)
 
 
 def check_ids(model: torch.nn.Module, ids: torch.Tensor, pad_mask: torch.Tensor | None) -> None:
@@ -474,47 +492,32 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 
 
 # -- token selection ---------------------------------------------------------------------------
-def make_chooser(
-    *,
-    temperature: float | None,
-    top_k: int | None,
-    top_p: float | None,
-    min_p: float | None,
-    typical_p: float | None,
-    repetition_penalty: float | None,
-    generator: torch.Generator | None,
-    no_repeat_ngram_size: int | None = None,
-    min_new_tokens: int = 0,
-    eos: Sequence[int] = (),
-    prompt_len: int = 0,
-):
+def plain(processors: dict, held: HeldBack | None = None) -> bool:
+    """True when ``processors`` (``process_logits``' keywords) and ``held`` leave greedy's argmax as it is."""
+    return (is_greedy(processors.get("temperature")) and processors.get("repetition_penalty") in (None, 1.0)
+            and not processors.get("no_repeat_ngram_size") and processors.get("bias") is None and not held)
+
+
+def make_chooser(processors: dict, generator: torch.Generator | None, *, held: HeldBack | None = None,
+                 prompt_len: int = 0):
     """A function (logits (B, V), ids so far (B, t), mask (B, t) | None) -> next tokens (B,).
 
-    The EOS ids are suppressed while fewer than ``min_new_tokens`` follow the ``prompt_len``
-    prompt tokens. Plain greedy gets a bare argmax: the decode loop calls this every step.
-    ``choose.check()`` raises if sampling met a row with no distribution (NaN or inf logits), where HF's
+    ``processors``: ``process_logits``' keywords (temperature, the filters, repetition_penalty,
+    no_repeat_ngram_size, bias); ``held`` bans its ids at each step counted from ``prompt_len``.
+    Plain greedy gets a bare argmax: the decode loop calls this every step. ``choose.check()``
+    raises if sampling met a row with no distribution (NaN or inf logits), where HF's
     ``torch.multinomial`` raises: the draws record it on the device, so checking costs one sync.
     """
-    penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
-    min_new_tokens = min_new_tokens if eos else 0  # (HF: no EOS, nothing to hold back)
-    if is_greedy(temperature) and penalty is None and not no_repeat_ngram_size and not min_new_tokens:
+    temperature = processors.get("temperature")
+    if plain(processors, held):
         choose = lambda logits, ids, mask: logits.argmax(dim=-1)  # noqa: E731
         choose.check = lambda: None
         return choose
-    kw = dict(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, repetition_penalty=penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-    )
     invalid: list[torch.Tensor] = []  # a () bool flag on the logits' device, made at the first draw
-    eos_ids: list[torch.Tensor] = []  # on the logits' device, made at the first step
 
     def choose(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        held = None
-        if ids.shape[1] - prompt_len < min_new_tokens:
-            if not eos_ids:
-                eos_ids.append(torch.tensor(list(eos), dtype=torch.long, device=logits.device))
-            held = eos_ids[0]
-        scores = process_logits(logits.float(), ids, input_mask=mask, suppress_ids=held, **kw)
+        banned = held(ids.shape[1] - prompt_len, logits.device) if held else None
+        scores = process_logits(logits.float(), ids, input_mask=mask, suppress_ids=banned, **processors)
         if is_greedy(temperature):
             return scores.argmax(dim=-1)
         if not invalid:
@@ -542,10 +545,16 @@ def generate(
     top_p: float | None = None,
     min_p: float | None = None,
     typical_p: float | None = None,
+    epsilon_cutoff: float | None = None,
+    eta_cutoff: float | None = None,
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
     min_new_tokens: int | None = None,
     min_length: int | None = None,
+    sequence_bias: dict | list | None = None,
+    bad_words_ids: list[list[int]] | None = None,
+    suppress_tokens: list[int] | None = None,
+    begin_suppress_tokens: list[int] | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -601,11 +610,8 @@ def generate(
     returns ``(B * num_return_sequences, T + T_new)`` and the final beam ``scores``
     ``(B * num_return_sequences,)``, shorter hypotheses padded with ``pad_token_id``.
     """
-    check_sampling_args(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-        min_new_tokens=min_new_tokens, min_length=min_length,
-    )
+    settings = {k: v for k, v in locals().items() if k in PROCESSING_KEYS}  # the logits-processing keywords
+    check_sampling_args(**settings)
     eos = as_id_list(eos_token_id) if stop_on_eos else []
     if pad_token_id is not None and not is_int(pad_token_id):
         raise ValueError(f"pad_token_id={pad_token_id!r} must be a token id (an integer) or None")
@@ -616,7 +622,7 @@ def generate(
     ids, pad_mask = prepare_inputs(input_ids, attention_mask, pad_id if pad_id is not None else 0, device)
     max_new_tokens = check_length(model, ids.shape[1], max_new_tokens, max_length)
     check_ids(model, ids, pad_mask)
-    min_new = held_back(min_new_tokens, min_length, ids.shape[1])
+    processors, held = processing(model, eos, ids.shape[1], **settings)
     steps = Steps.for_device(device, compile=compile, static=static_cache)
     if num_beams > 1 or num_return_sequences != 1:
         from .beam import beam_search, check_beam_args  # imported here: beam builds on this module
@@ -627,15 +633,9 @@ def generate(
                 model, ids, pad_mask, max_new_tokens, num_beams=int(num_beams),
                 num_return_sequences=int(num_return_sequences),
                 length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
-                repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
-                min_p=min_p, typical_p=typical_p, no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new,
-                generator=make_generator(seed, device), steps=steps,
+                processors=processors, held=held, generator=make_generator(seed, device), steps=steps,
             )
-    choose = make_chooser(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-        repetition_penalty=repetition_penalty, generator=make_generator(seed, device),
-        no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new, eos=eos, prompt_len=ids.shape[1],
-    )
+    choose = make_chooser(processors, make_generator(seed, device), held=held, prompt_len=ids.shape[1])
     with cpu_decode_layout(model, compiled=compile), contextlib.closing(steps), torch.inference_mode():
         seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0, steps=steps)
     choose.check()
@@ -700,10 +700,16 @@ def generate_stream(
     top_p: float | None = None,
     min_p: float | None = None,
     typical_p: float | None = None,
+    epsilon_cutoff: float | None = None,
+    eta_cutoff: float | None = None,
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
     min_new_tokens: int | None = None,
     min_length: int | None = None,
+    sequence_bias: dict | list | None = None,
+    bad_words_ids: list[list[int]] | None = None,
+    suppress_tokens: list[int] | None = None,
+    begin_suppress_tokens: list[int] | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     compile: bool = False,
@@ -716,11 +722,8 @@ def generate_stream(
     checked here, before the first token is asked for. Like ``generate``, the stream decodes with the model's CPU decode layout
     (``cpu_decode_layout``), from the first token until the stream is exhausted or closed, so the
     model's weights must not change in between (its KV cache would be stale too)."""
-    check_sampling_args(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-        min_new_tokens=min_new_tokens, min_length=min_length,
-    )
+    settings = {k: v for k, v in locals().items() if k in PROCESSING_KEYS}  # the logits-processing keywords
+    check_sampling_args(**settings)
     refuse_text(input_ids)
     prompt = torch.as_tensor(input_ids)  # its own dtype: prepare_inputs refuses float and bool ids
     if prompt.dim() != 1:
@@ -730,12 +733,8 @@ def generate_stream(
     max_new_tokens = check_length(model, ids.shape[1], max_new_tokens, max_length)
     check_ids(model, ids, None)
     eos = as_id_list(eos_token_id)
-    choose = make_chooser(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-        repetition_penalty=repetition_penalty, generator=make_generator(seed, device),
-        no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=held_back(min_new_tokens, min_length, ids.shape[1]),
-        eos=eos, prompt_len=ids.shape[1],
-    )
+    processors, held = processing(model, eos, ids.shape[1], **settings)
+    choose = make_chooser(processors, make_generator(seed, device), held=held, prompt_len=ids.shape[1])
     steps = Steps.for_device(device, compile=compile, static=static_cache)
     return stream_loop(model, ids, max_new_tokens, choose, eos=set(eos), steps=steps)
 

@@ -15,7 +15,10 @@ reproducible.
 
 from __future__ import annotations
 
+import math
 import numbers
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -66,11 +69,117 @@ def no_repeat_ngram_filter(
     return logits.masked_fill(remove[:, :V], NEG_INF)
 
 
+class HeldBack:
+    """Token ids banned at given steps: the EOS ids until ``min_new_tokens`` new tokens are out
+    (HF's ``min_new_tokens`` / ``min_length``), and ``begin_suppress_tokens`` at the first new token.
+    ``held(step, device)`` gives the ids banned at 0-based step ``step`` (a 1-D tensor) or None."""
+
+    def __init__(self, eos: Sequence[int] = (), min_new_tokens: int = 0, begin: Sequence[int] | None = None):
+        if begin is not None and (not isinstance(begin, (list, tuple)) or (begin and not _token_list(begin))):
+            raise ValueError(f"begin_suppress_tokens={begin!r} must be a list of token ids")
+        self.eos, self.begin = list(eos), list(begin or [])
+        self.min_new_tokens = min_new_tokens if self.eos else 0  # (HF: no EOS, nothing to hold back)
+        self._tensors: dict = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.min_new_tokens or self.begin)
+
+    def __call__(self, step: int, device: torch.device) -> torch.Tensor | None:
+        ids = (self.eos if step < self.min_new_tokens else []) + (self.begin if step == 0 else [])
+        if not ids:
+            return None
+        key = (tuple(ids), device)
+        if key not in self._tensors:
+            self._tensors[key] = torch.tensor(ids, dtype=torch.long, device=device)
+        return self._tensors[key]
+
+
 def suppress(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Set the logits of token ids (a 1-D tensor; ids past the vocabulary are ignored) to -inf: the
     EOS ids until ``min_new_tokens`` are out."""
     vocab = torch.arange(logits.shape[-1], device=logits.device)
     return logits.masked_fill(torch.isin(vocab, ids), NEG_INF)
+
+
+@dataclass
+class SequenceBias:
+    """Additive biases on the token that would complete given token sequences (HF's
+    ``sequence_bias``; ``bad_words_ids`` and ``suppress_tokens`` are biases of -inf), compiled for one
+    vocabulary and device: per sequence length L, the sequences' first L - 1 tokens (S, L - 1), their
+    last tokens (S,) and biases (S,). A one-token sequence always applies; a longer one when the
+    text so far ends with its first L - 1 tokens. Biases of several matching sequences add up."""
+
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def build(cls, entries: Iterable[tuple[Sequence[int], float]], vocab_size: int,
+              device: torch.device) -> SequenceBias | None:
+        """From (token ids, bias) pairs (a later pair for the same ids replaces an earlier one, as a
+        dict would); None when there are none."""
+        table = {tuple(int(t) for t in ids): float(bias) for ids, bias in entries}
+        outside = sorted({t for ids in table for t in ids if t >= vocab_size})
+        if outside:
+            raise ValueError(f"sequence_bias / bad_words_ids name token ids {outside[:5]} outside the vocabulary of "
+                             f"{vocab_size}; use ids of the model's own tokenizer")
+        by_len: dict[int, list[tuple[tuple[int, ...], float]]] = {}
+        for ids, bias in table.items():
+            by_len.setdefault(len(ids), []).append((ids, bias))
+        groups = []
+        for _, items in sorted(by_len.items()):
+            seqs = torch.tensor([ids for ids, _ in items], dtype=torch.long, device=device)  # (S, L)
+            bias = torch.tensor([b for _, b in items], dtype=torch.float32, device=device)
+            groups.append((seqs[:, :-1], seqs[:, -1], bias))
+        return cls(groups) if groups else None
+
+    def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """logits (B, V) biased for the text so far ``input_ids`` (B, T); ``mask`` (B, T) False at
+        positions that are not text (left padding), which no prefix matches."""
+        B, T = input_ids.shape
+        add = torch.zeros_like(logits)
+        for prefix, last, bias in self.groups:
+            m = prefix.shape[1]
+            if m > T:
+                continue
+            hit = (input_ids[:, None, T - m:] == prefix[None]).all(dim=-1)  # (B, S)
+            if mask is not None and m:
+                hit &= mask[:, T - m:].bool().all(dim=-1, keepdim=True)
+            values = torch.where(hit, bias.to(logits.dtype), torch.zeros((), dtype=logits.dtype, device=logits.device))
+            add.scatter_add_(1, last.expand(B, -1), values)
+        return logits + add
+
+
+def token_biases(
+    *, sequence_bias=None, bad_words_ids=None, suppress_tokens=None, eos: Sequence[int] = (), vocab_size: int,
+    device: torch.device,
+) -> SequenceBias | None:
+    """One ``SequenceBias`` for HF's three keywords, checked: ``sequence_bias`` a dict {token-id
+    tuple: bias} or a list of [token ids, bias] pairs (generation_config.json's spelling),
+    ``bad_words_ids`` a list of token-id lists (banned; a lone EOS id is not, as in HF),
+    ``suppress_tokens`` a list of ids (banned; ids past the vocabulary ignored, as in HF)."""
+    entries: list[tuple[Sequence[int], float]] = []
+    if sequence_bias is not None:
+        pairs = list(sequence_bias.items()) if isinstance(sequence_bias, dict) else sequence_bias
+        ok = isinstance(pairs, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and _token_list(p[0]) and isinstance(p[1], numbers.Real)
+            and not isinstance(p[1], bool) for p in pairs)
+        if not ok:
+            raise ValueError(f"sequence_bias={sequence_bias!r} must map token-id sequences to numbers: "
+                             f"{{(id, ...): bias}} or [[[id, ...], bias], ...]")
+        entries += [(list(ids), float(b)) for ids, b in pairs]
+    if bad_words_ids is not None:
+        if not isinstance(bad_words_ids, (list, tuple)) or not bad_words_ids or not all(map(_token_list, bad_words_ids)):
+            raise ValueError(f"bad_words_ids={bad_words_ids!r} must be a non-empty list of non-empty token-id lists")
+        entries += [(list(ids), -math.inf) for ids in bad_words_ids if not (len(ids) == 1 and ids[0] in eos)]
+    if suppress_tokens is not None:
+        if not isinstance(suppress_tokens, (list, tuple)) or not _token_list(list(suppress_tokens) or [0]):
+            raise ValueError(f"suppress_tokens={suppress_tokens!r} must be a list of token ids")
+        entries += [([t], -math.inf) for t in suppress_tokens if t < vocab_size]
+    return SequenceBias.build(entries, vocab_size, device)
+
+
+def _token_list(ids) -> bool:
+    return (isinstance(ids, (list, tuple)) and len(ids) > 0
+            and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in ids))
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -121,6 +230,27 @@ def typical_filter(logits: torch.Tensor, mass: float, min_tokens_to_keep: int = 
     return logits.masked_fill(remove.scatter(1, order, remove), NEG_INF)
 
 
+def epsilon_filter(logits: torch.Tensor, epsilon: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Truncation sampling (Hewitt et al. 2022): remove tokens whose probability is below ``epsilon``;
+    the ``min_tokens_to_keep`` most likely ones always stay."""
+    return _below(logits, torch.full((), epsilon, device=logits.device), min_tokens_to_keep)
+
+
+def eta_filter(logits: torch.Tensor, epsilon: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Eta sampling (Hewitt et al. 2022): the cut-off adapts to the distribution's entropy H,
+    ``min(epsilon, sqrt(epsilon) * exp(-H))``; otherwise as ``epsilon_filter``."""
+    logp = torch.log_softmax(logits, dim=-1)
+    entropy = -(logp * logp.exp()).nansum(-1, keepdim=True)  # (B, 1); removed tokens: -inf * 0 = nan, skipped
+    eta = torch.minimum(torch.full_like(entropy, epsilon), math.sqrt(epsilon) * torch.exp(-entropy))
+    return _below(logits, eta, min_tokens_to_keep)
+
+
+def _below(logits: torch.Tensor, cut: torch.Tensor, min_tokens_to_keep: int) -> torch.Tensor:
+    probs = torch.softmax(logits, dim=-1)
+    kth = torch.topk(logits, min(min_tokens_to_keep, logits.shape[-1]))[0][..., -1:]  # ties with the k-th stay
+    return logits.masked_fill((probs < cut) & (logits < kth), NEG_INF)
+
+
 def is_greedy(temperature: float | None) -> bool:
     return temperature is None or temperature == 0
 
@@ -134,22 +264,29 @@ def process_logits(
     top_p: float | None = None,
     min_p: float | None = None,
     typical_p: float | None = None,
+    epsilon_cutoff: float | None = None,
+    eta_cutoff: float | None = None,
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
+    bias: SequenceBias | None = None,
     suppress_ids: torch.Tensor | None = None,
     input_mask: torch.Tensor | None = None,
     min_tokens_to_keep: int = 1,
 ) -> torch.Tensor:
     """All processors in HF ``generate``'s order; ``None`` (or a neutral value) skips one.
 
-    Greedy (``temperature`` 0 or None) applies only the repetition penalty, the n-gram ban and
-    ``suppress_ids`` (1-D, the EOS ids while ``min_new_tokens`` are not out), as HF does with
-    ``do_sample=False``: the others cannot change the argmax (typical could, and HF skips it too).
-    ``input_ids`` (B, T) is the sequence so far, needed for the repetition penalty and the n-gram
-    ban; ``input_mask`` (B, T) False where a position must not count (padding).
+    Greedy (``temperature`` 0 or None) applies only the sequence biases (``bias``: sequence_bias,
+    bad words, suppressed tokens), the repetition penalty, the n-gram ban and ``suppress_ids`` (1-D,
+    ``HeldBack``'s ids of this step), as HF does with ``do_sample=False``: the others cannot change
+    the argmax (typical could, and HF skips it too). ``input_ids`` (B, T) is the sequence so far,
+    needed for the penalty, the n-gram ban and the biases; ``input_mask`` (B, T) False where a
+    position must not count (padding).
     """
-    if (repetition_penalty not in (None, 1.0) or no_repeat_ngram_size) and input_ids is None:
-        raise ValueError("repetition_penalty and no_repeat_ngram_size need input_ids, the sequence generated so far")
+    if (repetition_penalty not in (None, 1.0) or no_repeat_ngram_size or bias is not None) and input_ids is None:
+        raise ValueError("repetition_penalty, no_repeat_ngram_size and sequence biases need input_ids, the sequence "
+                         "generated so far")
+    if bias is not None:
+        logits = bias(logits, input_ids, input_mask)
     if repetition_penalty is not None and repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, input_ids, repetition_penalty, input_mask)
     if no_repeat_ngram_size:
@@ -168,6 +305,10 @@ def process_logits(
         logits = min_p_filter(logits, min_p, min_tokens_to_keep)
     if typical_p is not None and typical_p < 1.0:
         logits = typical_filter(logits, typical_p, min_tokens_to_keep)
+    if epsilon_cutoff is not None and 0 < epsilon_cutoff < 1:
+        logits = epsilon_filter(logits, epsilon_cutoff, min_tokens_to_keep)
+    if eta_cutoff is not None and 0 < eta_cutoff < 1:
+        logits = eta_filter(logits, eta_cutoff, min_tokens_to_keep)
     return logits
 
 
@@ -200,8 +341,15 @@ def check_sampling_args(
     no_repeat_ngram_size: int | None = None,
     min_new_tokens: int | None = None,
     min_length: int | None = None,
+    epsilon_cutoff: float | None = None,
+    eta_cutoff: float | None = None,
+    **token_lists,
 ) -> None:
-    """Raise a one-line ValueError for a setting HF would reject too."""
+    """Raise a one-line ValueError for a setting HF would reject too (``token_lists``, the biases and
+    banned ids, are checked where they are compiled, ``token_biases`` and ``HeldBack``)."""
+    for name, value in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
+        if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1):
+            raise ValueError(f"{name}={value!r} must be a number in [0, 1) (None or 0 = off)")
     for name, value in (("no_repeat_ngram_size", no_repeat_ngram_size), ("min_new_tokens", min_new_tokens),
                         ("min_length", min_length)):
         if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0):

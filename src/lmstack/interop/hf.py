@@ -347,16 +347,17 @@ def special_token_ids(tok: Tokenizer | None) -> dict[str, Any]:
 
 
 # transformers' generate() defaults for what generation_config.json leaves unset, when it samples
-_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": None, "min_p": None, "typical_p": None}
+_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": None, "min_p": None, "typical_p": None,
+                      "epsilon_cutoff": None, "eta_cutoff": None}
+# token-list fields that apply in every mode (generate checks their shape)
+_TOKEN_LISTS = ("sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
 # ... and for beam search (num_beams > 1); num_return_sequences applies to beam search only here
 _BEAM_DEFAULTS = {"length_penalty": 1.0, "early_stopping": False, "num_return_sequences": 1}
 # generation_config.json fields that change transformers' output and that lmstack.generate does not
 # implement, with the values that leave them off
 _UNSUPPORTED = {
-    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "force_words_ids": None,
-    "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "num_beam_groups": 1,
-    "diversity_penalty": 0.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "exponential_decay_length_penalty": None,
+    "encoder_no_repeat_ngram_size": 0, "force_words_ids": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "num_beam_groups": 1, "diversity_penalty": 0.0, "exponential_decay_length_penalty": None,
     "penalty_alpha": None, "guidance_scale": None, "renormalize_logits": False, "encoder_repetition_penalty": 1.0,
     "dola_layers": None, "max_time": None, "stop_strings": None, "constraints": None, "top_h": None,
     "watermarking_config": None, "token_healing": False,
@@ -372,15 +373,16 @@ def _number(file: Path, key: str, value: Any, kinds: tuple = (int, float)) -> An
 
 def generation_settings(folder: str | Path) -> dict[str, Any]:
     """The decoding settings of a model folder's generation_config.json, as transformers' generate()
-    applies them, in lmstack.generate's keywords: {} without the file; greedy
-    ({"temperature": 0.0}) unless it sets do_sample; when sampling, its temperature, top_k, top_p,
-    min_p and typical_p, with transformers' defaults (temperature 1, top_k 50) for the unset ones;
-    with num_beams > 1, beam search with its length_penalty, early_stopping and
-    num_return_sequences (transformers' defaults 1.0, False, 1); its repetition_penalty,
-    no_repeat_ngram_size, min_new_tokens and min_length either way, and its max_new_tokens, else
-    its max_length (prompt + new tokens). do_sample with num_beams > 1 gives both the
-    sampling and the beam keywords: beam sampling, as transformers. Stop ids come from the tokenizer (``Tokenizer.stop_ids``); fields
-    lmstack does not implement are listed by ``unsupported_generation_settings``."""
+    applies them, in lmstack.generate's keywords: {} without the file; greedy ({"temperature": 0.0})
+    unless it sets do_sample; when sampling, its temperature, top_k, top_p, min_p, typical_p,
+    epsilon_cutoff and eta_cutoff, with transformers' defaults (temperature 1, top_k 50) for the
+    unset ones; with num_beams > 1, beam search with its length_penalty, early_stopping and
+    num_return_sequences (transformers' defaults 1.0, False, 1), sampled when do_sample is set (beam
+    sampling, as transformers); either way its repetition_penalty, no_repeat_ngram_size,
+    min_new_tokens, min_length, sequence_bias, bad_words_ids, suppress_tokens and
+    begin_suppress_tokens, and its max_new_tokens, else its max_length (prompt + new tokens). Stop
+    ids come from the tokenizer (``Tokenizer.stop_ids``); fields lmstack does not implement are
+    listed by ``unsupported_generation_settings``."""
     file = Path(folder) / "generation_config.json"
     gc = read_json_object(file)
     if not gc:
@@ -399,6 +401,7 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
             out[key] = gc[key]
     if "max_new_tokens" in out:  # transformers: max_new_tokens takes precedence
         out.pop("max_length", None)
+    out.update({k: gc[k] for k in _TOKEN_LISTS if gc.get(k) not in (None, [], {})})
     if out.get("num_beams", 1) > 1:
         for key, default in _BEAM_DEFAULTS.items():
             value = gc.get(key)
