@@ -1,6 +1,6 @@
-"""Token biases and truncation filters against HF transformers: ``sequence_bias``,
-``bad_words_ids``, ``suppress_tokens``, ``begin_suppress_tokens``, ``epsilon_cutoff`` and
-``eta_cutoff``.
+"""Token biases, step rules and truncation filters against HF transformers: ``sequence_bias``,
+``bad_words_ids``, ``suppress_tokens``, ``begin_suppress_tokens``, ``forced_eos_token_id``,
+``exponential_decay_length_penalty``, ``renormalize_logits``, ``epsilon_cutoff`` and ``eta_cutoff``.
 
 Each processor is compared with HF's on fresh random inputs (small alphabets, so multi-token
 sequences do match; ties for the filters), then ``generate`` with HF ``generate`` (greedy and beam
@@ -16,7 +16,7 @@ import torch
 from lmstack.generate import generate, generate_stream
 from lmstack.generate.sampling import epsilon_filter, eta_filter, process_logits, token_biases
 
-from ..hf_models import hf_generate, needs_hf_sorting_beam_samples, ragged_batch, sharp_llama
+from ..hf_models import hf_generate, hf_penalises_padding, needs_hf_sorting_beam_samples, ragged_batch, sharp_llama
 
 transformers = pytest.importorskip("transformers")
 from transformers.generation import logits_process as lp  # noqa: E402
@@ -36,7 +36,7 @@ def random_table(g, n, alphabet=3, longest=3):
 def test_sequence_bias_and_bad_words_equal_hf(seed):
     g = torch.Generator().manual_seed(seed)
     for _ in range(30):
-        T = int(torch.randint(1, 10, (), generator=g))
+        T = int(torch.randint(3, 10, (), generator=g))  # >= the longest sequence (the edge below differs by version)
         ids = torch.randint(0, 3, (4, T), generator=g)
         logits = torch.randn(4, 8, generator=g)
         table = random_table(g, 6)
@@ -50,6 +50,14 @@ def test_sequence_bias_and_bad_words_equal_hf(seed):
         assert torch.equal(ours, lp.NoBadWordsLogitsProcessor(words, eos_token_id=2)(ids, logits.clone()))
     suppressed = token_biases(suppress_tokens=[1, 5, 99], vocab_size=8, device=CPU)(logits, ids)  # 99: ignored
     assert torch.equal(suppressed, lp.SuppressTokensLogitsProcessor([1, 5])(ids, logits.clone()))
+
+
+def test_a_prefix_as_long_as_the_text_matches():
+    """A sequence whose first L - 1 tokens are the whole text so far applies (transformers 5.24 too;
+    5.17 skipped sequences longer than the text)."""
+    bias = token_biases(sequence_bias={(3, 1, 4): 2.0}, vocab_size=6, device=CPU)
+    assert bias(torch.zeros(1, 6), torch.tensor([[3, 1]]))[0, 4] == 2.0
+    assert bias(torch.zeros(1, 6), torch.tensor([[1]]))[0, 4] == 0.0  # too short to hold the prefix
 
 
 def test_padding_matches_no_prefix():
@@ -105,15 +113,23 @@ def settings(free):
         "bias-pair": dict(sequence_bias=[[[a[0], 7], 50.0], [[a[1]], -3.0]]),
         "suppress": dict(suppress_tokens=[a[0], a[5]]),
         "begin": dict(begin_suppress_tokens=[int(free[0, 0]), int(free[1, 0])]),
+        "forced-eos": dict(forced_eos_token_id=[7, 5]),  # the 12th token must be one of them
+        # EOS = what row 0 says at step 9; raised from step 2 on, it comes sooner
+        "eos-decay": dict(exponential_decay_length_penalty=(2, 1.6), eos_token_id=a[9]),
+        # beam scores of penalised log-probs, renormalised (greedy tokens cannot change: not in this list)
+        "renormalize": dict(renormalize_logits=True, repetition_penalty=1.5),
     }
 
 
 @pytest.mark.parametrize("beams", [1, 3])
-@pytest.mark.parametrize("name", ["bad-word", "bad-token", "bias-up", "bias-pair", "suppress", "begin"])
+@pytest.mark.parametrize("name", ["bad-word", "bad-token", "bias-up", "bias-pair", "suppress", "begin", "forced-eos",
+                                  "eos-decay", "renormalize"])
 def test_generate_matches_hf_and_the_setting_bites(llama, batch, name, beams):
     h, m = llama
     ids, mask, free = batch
     kw = dict(pad_token_id=PAD, **settings(free)[name])
+    if name == "renormalize" and hf_penalises_padding():
+        ids, mask = ids[1:], mask[1:]
     if beams > 1:
         kw.update(num_beams=beams, num_return_sequences=2)
     ref, ref_scores = hf_generate(h, ids, mask, 12, **kw)
@@ -121,9 +137,15 @@ def test_generate_matches_hf_and_the_setting_bites(llama, batch, name, beams):
     assert torch.equal(out.sequences, ref), (out.sequences[:, ids.shape[1]:], ref[:, ids.shape[1]:])
     if ref_scores is not None:
         torch.testing.assert_close(out.scores, ref_scores, atol=1e-4, rtol=4e-7)
-    plain = generate(m, ids, 12, attention_mask=mask, **{k: v for k, v in kw.items() if k in (
-        "pad_token_id", "num_beams", "num_return_sequences")}).sequences
-    assert not torch.equal(out.sequences, plain), "the setting changed nothing here"
+    base = ("pad_token_id", "num_beams", "num_return_sequences", "eos_token_id", "repetition_penalty")
+    plain = generate(m, ids, 12, attention_mask=mask, **{k: v for k, v in kw.items() if k in base})
+    changed = out.sequences.shape != plain.sequences.shape or not torch.equal(out.sequences, plain.sequences)
+    if name == "renormalize" and beams == 1:  # a log-softmax keeps the argmax: greedy tokens cannot change
+        assert not changed
+        return
+    if name == "renormalize":  # beam scores do
+        changed = changed or not torch.allclose(out.scores, plain.scores, atol=1e-3)
+    assert changed, "the setting changed nothing here"
 
 
 @needs_hf_sorting_beam_samples()
@@ -162,6 +184,9 @@ def test_stream_takes_them(llama, batch):
     (dict(begin_suppress_tokens=[1.5]), "begin_suppress_tokens=\\[1.5\\] must be a list of token ids"),
     (dict(epsilon_cutoff=1.0), "epsilon_cutoff=1.0 must be a number in \\[0, 1\\)"),
     (dict(eta_cutoff=-0.1), "eta_cutoff=-0.1 must be a number in \\[0, 1\\)"),
+    (dict(forced_eos_token_id="2"), "forced_eos_token_id='2' must be a token id or a list of them"),
+    (dict(exponential_decay_length_penalty=(1.5, 2.0), eos_token_id=1),
+     "exponential_decay_length_penalty=.* must be \\(start index, decay factor\\)"),
 ])
 def test_bad_values_are_one_line_errors(llama, kw, match):
     _, m = llama
@@ -172,7 +197,7 @@ def test_bad_values_are_one_line_errors(llama, kw, match):
 def test_bias_values_accumulate_like_hf():
     """Two sequences that end in the same token and both match: their biases add up (HF too)."""
     table = {(1, 2): 1.5, (2,): 2.0, (0, 1, 2): -math.inf}
-    ids = torch.tensor([[5, 1], [0, 1]])
+    ids = torch.tensor([[5, 5, 1], [4, 0, 1]])
     logits = torch.zeros(2, 6)
     ours = token_biases(sequence_bias=table, vocab_size=6, device=CPU)(logits, ids)
     assert ours[0, 2] == 3.5 and ours[1, 2] == -math.inf

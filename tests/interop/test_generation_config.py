@@ -308,13 +308,13 @@ def test_fields_lmstack_does_not_implement_are_named(tmp_path, capsys):
     """transformers would apply them; lmstack says on stderr that it decodes without them."""
     from lmstack.interop import unsupported_generation_settings
 
-    gen = {"forced_eos_token_id": 5, "diversity_penalty": 0.5, "num_beam_groups": 1, "force_words_ids": None,
+    gen = {"stop_strings": ["END"], "diversity_penalty": 0.5, "num_beam_groups": 1, "force_words_ids": None,
            "renormalize_logits": False, "encoder_repetition_penalty": 1.0}
     folder, _ = _cli_folder(tmp_path, gen)
-    assert unsupported_generation_settings(folder) == {"forced_eos_token_id": 5, "diversity_penalty": 0.5}
+    assert unsupported_generation_settings(folder) == {"stop_strings": ["END"], "diversity_penalty": 0.5}
     rc, out, err = _run_cli(capsys, folder, "--max-new-tokens", "3", "--no-stream")
     assert rc == 0 and out.startswith("the quick brown fox")
     assert len(err.splitlines()) == 1
-    assert "sets forced_eos_token_id=5, diversity_penalty=0.5, which lmstack does not implement" in err
+    assert "sets diversity_penalty=0.5, stop_strings=['END'], which lmstack does not implement" in err
     (folder / "generation_config.json").unlink()
     assert unsupported_generation_settings(folder) == {}

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from .decode import GenerateOutput, Steps, is_int, padded_positions, prefill
-from .sampling import HeldBack, is_greedy, process_logits
+from .sampling import StepRules, is_greedy, process_logits
 
 FILTERS = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")  # named when they keep too few
 
@@ -160,13 +160,13 @@ def beam_search(
     eos: list[int],
     pad_id: int,
     processors: dict | None = None,
-    held: HeldBack | None = None,
+    held: StepRules | None = None,
     generator: torch.Generator | None = None,
     steps: Steps | None = None,
 ) -> GenerateOutput:
     """Beam search from prompts ids (B, T) (left-padded where ``pad_mask`` (B, T) is False), with
     ``process_logits``' ``processors`` (repetition penalty, n-gram ban, biases; none by default) on
-    the log-probs and ``held``'s ids banned at each step; beam sampling when their ``temperature``
+    the log-probs and ``held``, the ``StepRules`` of each step; beam sampling when their ``temperature``
     is > 0, after the filters given, drawing from ``generator`` (None = torch's global one, as HF).
 
     Returns ``GenerateOutput(sequences=(B * R, T + T_new), scores=(B * R,))``, R =
@@ -210,10 +210,10 @@ def beam_search(
     for step in range(max_new_tokens):
         generated, last = step + 1, step == max_new_tokens - 1
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B*N, V)
-        banned = held(step, dev) if held else None  # EOS before min_new_tokens, begin tokens at the first
-        if uses_text or sample or banned is not None:
+        rules = held(step, dev) if held else {}  # EOS held back, begin tokens, forced EOS, EOS boost
+        if uses_text or sample or rules or processors.get("renormalize_logits"):
             logp = process_logits(logp, seq[:, :t], input_mask=None if seq_mask is None else seq_mask[:, :t],
-                                  suppress_ids=banned, min_tokens_to_keep=K // N, **processors)
+                                  min_tokens_to_keep=K // N, **rules, **processors)
         cand, src, tok = top_candidates(logp, beam_scores, K, sample=sample, generator=generator)  # (B, K), best first
         if last:
             ends = torch.ones_like(tok, dtype=torch.bool)

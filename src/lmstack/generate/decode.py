@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..kernels import TORCH_VERSION
-from .sampling import HeldBack, check_sampling_args, is_greedy, process_logits, sample, token_biases
+from .sampling import StepRules, check_sampling_args, is_greedy, process_logits, sample, token_biases
 
 if TYPE_CHECKING:
     from ..model.cache import KVCache
@@ -443,24 +443,27 @@ def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int | 
 PROCESSING_KEYS = (
     "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
     "no_repeat_ngram_size", "min_new_tokens", "min_length", "sequence_bias", "bad_words_ids", "suppress_tokens",
-    "begin_suppress_tokens",
+    "begin_suppress_tokens", "forced_eos_token_id", "exponential_decay_length_penalty", "renormalize_logits",
 )
 
 
 def processing(
-    model: torch.nn.Module, eos: list[int], prompt_len: int, *, min_new_tokens: int | None, min_length: int | None,
-    sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens, **processors,
-) -> tuple[dict, HeldBack]:
+    model: torch.nn.Module, eos: list[int], prompt_len: int, max_new_tokens: int, *, min_new_tokens: int | None,
+    min_length: int | None, sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens,
+    forced_eos_token_id, exponential_decay_length_penalty, **processors,
+) -> tuple[dict, StepRules]:
     """``generate``'s logits-processing keywords as ``process_logits``' keywords (``processors``, the
-    sequence biases compiled into ``bias``) and the ids held back at each step (``HeldBack``: EOS
-    until ``min_new_tokens``, or ``min_length`` less the padded prompt, are out; the begin tokens at
-    the first step)."""
+    sequence biases compiled into ``bias``) and the rules of each step (``StepRules``: EOS held back
+    until ``min_new_tokens``, or ``min_length`` less the padded prompt, are out; the begin tokens
+    banned at the first step; the forced EOS at the last; the EOS boost)."""
     device = next(model.parameters()).device
     processors["bias"] = token_biases(sequence_bias=sequence_bias, bad_words_ids=bad_words_ids,
                                       suppress_tokens=suppress_tokens, eos=eos, vocab_size=model.config.vocab_size,
                                       device=device)
+    processors["renormalize_logits"] = bool(processors.get("renormalize_logits"))
     min_new = max(min_new_tokens or 0, (min_length or 0) - prompt_len, 0)
-    return processors, HeldBack(eos, min_new, begin_suppress_tokens)
+    return processors, StepRules(eos, min_new, begin_suppress_tokens, forced_eos_token_id, max_new_tokens - 1,
+                                 exponential_decay_length_penalty)
 
 
 def check_ids(model: torch.nn.Module, ids: torch.Tensor, pad_mask: torch.Tensor | None) -> None:
@@ -492,18 +495,19 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 
 
 # -- token selection ---------------------------------------------------------------------------
-def plain(processors: dict, held: HeldBack | None = None) -> bool:
-    """True when ``processors`` (``process_logits``' keywords) and ``held`` leave greedy's argmax as it is."""
+def plain(processors: dict, held: StepRules | None = None) -> bool:
+    """True when ``processors`` (``process_logits``' keywords) and ``held`` leave greedy's argmax as it is
+    (renormalize_logits does not change it)."""
     return (is_greedy(processors.get("temperature")) and processors.get("repetition_penalty") in (None, 1.0)
             and not processors.get("no_repeat_ngram_size") and processors.get("bias") is None and not held)
 
 
-def make_chooser(processors: dict, generator: torch.Generator | None, *, held: HeldBack | None = None,
+def make_chooser(processors: dict, generator: torch.Generator | None, *, held: StepRules | None = None,
                  prompt_len: int = 0):
     """A function (logits (B, V), ids so far (B, t), mask (B, t) | None) -> next tokens (B,).
 
     ``processors``: ``process_logits``' keywords (temperature, the filters, repetition_penalty,
-    no_repeat_ngram_size, bias); ``held`` bans its ids at each step counted from ``prompt_len``.
+    no_repeat_ngram_size, bias); ``held``, the ``StepRules``, act at each step counted from ``prompt_len``.
     Plain greedy gets a bare argmax: the decode loop calls this every step. ``choose.check()``
     raises if sampling met a row with no distribution (NaN or inf logits), where HF's
     ``torch.multinomial`` raises: the draws record it on the device, so checking costs one sync.
@@ -516,8 +520,8 @@ def make_chooser(processors: dict, generator: torch.Generator | None, *, held: H
     invalid: list[torch.Tensor] = []  # a () bool flag on the logits' device, made at the first draw
 
     def choose(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        banned = held(ids.shape[1] - prompt_len, logits.device) if held else None
-        scores = process_logits(logits.float(), ids, input_mask=mask, suppress_ids=banned, **processors)
+        rules = held(ids.shape[1] - prompt_len, logits.device) if held else {}
+        scores = process_logits(logits.float(), ids, input_mask=mask, **rules, **processors)
         if is_greedy(temperature):
             return scores.argmax(dim=-1)
         if not invalid:
@@ -555,6 +559,9 @@ def generate(
     bad_words_ids: list[list[int]] | None = None,
     suppress_tokens: list[int] | None = None,
     begin_suppress_tokens: list[int] | None = None,
+    forced_eos_token_id: int | list[int] | None = None,
+    exponential_decay_length_penalty: tuple[int, float] | None = None,
+    renormalize_logits: bool = False,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -584,6 +591,9 @@ def generate(
         its padding not), in every mode, as HF's.
     min_new_tokens, min_length: hold the EOS ids back until this many tokens are new (or, HF's
         ``min_length``, until the padded prompt and the new tokens are this long).
+    epsilon_cutoff, eta_cutoff, sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens,
+    forced_eos_token_id, exponential_decay_length_penalty, renormalize_logits: HF's processors of
+        those names (``lmstack.generate.sampling``), with HF's semantics and order, in every mode.
     eos_token_id: an id or a list (ints, numpy integers or a tensor); once a row emits one, its
         later tokens are ``pad_token_id`` (default: the first EOS id) and decoding stops when
         every row has. ``stop_on_eos=False`` ignores EOS and always generates ``max_new_tokens``.
@@ -622,7 +632,7 @@ def generate(
     ids, pad_mask = prepare_inputs(input_ids, attention_mask, pad_id if pad_id is not None else 0, device)
     max_new_tokens = check_length(model, ids.shape[1], max_new_tokens, max_length)
     check_ids(model, ids, pad_mask)
-    processors, held = processing(model, eos, ids.shape[1], **settings)
+    processors, held = processing(model, eos, ids.shape[1], max_new_tokens, **settings)
     steps = Steps.for_device(device, compile=compile, static=static_cache)
     if num_beams > 1 or num_return_sequences != 1:
         from .beam import beam_search, check_beam_args  # imported here: beam builds on this module
@@ -710,6 +720,9 @@ def generate_stream(
     bad_words_ids: list[list[int]] | None = None,
     suppress_tokens: list[int] | None = None,
     begin_suppress_tokens: list[int] | None = None,
+    forced_eos_token_id: int | list[int] | None = None,
+    exponential_decay_length_penalty: tuple[int, float] | None = None,
+    renormalize_logits: bool = False,
     eos_token_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     compile: bool = False,
@@ -733,7 +746,7 @@ def generate_stream(
     max_new_tokens = check_length(model, ids.shape[1], max_new_tokens, max_length)
     check_ids(model, ids, None)
     eos = as_id_list(eos_token_id)
-    processors, held = processing(model, eos, ids.shape[1], **settings)
+    processors, held = processing(model, eos, ids.shape[1], max_new_tokens, **settings)
     choose = make_chooser(processors, make_generator(seed, device), held=held, prompt_len=ids.shape[1])
     steps = Steps.for_device(device, compile=compile, static=static_cache)
     return stream_loop(model, ids, max_new_tokens, choose, eos=set(eos), steps=steps)

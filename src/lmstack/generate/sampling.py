@@ -69,36 +69,75 @@ def no_repeat_ngram_filter(
     return logits.masked_fill(remove[:, :V], NEG_INF)
 
 
-class HeldBack:
-    """Token ids banned at given steps: the EOS ids until ``min_new_tokens`` new tokens are out
-    (HF's ``min_new_tokens`` / ``min_length``), and ``begin_suppress_tokens`` at the first new token.
-    ``held(step, device)`` gives the ids banned at 0-based step ``step`` (a 1-D tensor) or None."""
+class StepRules:
+    """Processors that depend on the step (0-based count of new tokens): the EOS ids banned until
+    ``min_new_tokens`` are out (HF's ``min_new_tokens`` / ``min_length``), ``begin_suppress_tokens``
+    banned at the first step, ``forced_eos_token_id`` forced at ``last_step`` (the step that reaches
+    the length limit), and the EOS logits raised by ``|logit| * (factor ** (step - start) - 1)``
+    after step ``start`` (HF's ``exponential_decay_length_penalty`` = (start, factor)).
+    ``rules(step, device)`` gives ``process_logits``' keywords for that step ({} when none apply)."""
 
-    def __init__(self, eos: Sequence[int] = (), min_new_tokens: int = 0, begin: Sequence[int] | None = None):
+    def __init__(self, eos: Sequence[int] = (), min_new_tokens: int = 0, begin: Sequence[int] | None = None,
+                 forced_eos: int | Sequence[int] | None = None, last_step: int | None = None,
+                 decay: Sequence[float] | None = None):
         if begin is not None and (not isinstance(begin, (list, tuple)) or (begin and not _token_list(begin))):
             raise ValueError(f"begin_suppress_tokens={begin!r} must be a list of token ids")
-        self.eos, self.begin = list(eos), list(begin or [])
+        forced = [forced_eos] if isinstance(forced_eos, numbers.Integral) else forced_eos
+        if forced is not None and (isinstance(forced_eos, bool) or not _token_list(forced)):
+            raise ValueError(f"forced_eos_token_id={forced_eos!r} must be a token id or a list of them")
+        if decay is not None and not (isinstance(decay, (list, tuple)) and len(decay) == 2
+                                      and isinstance(decay[0], numbers.Integral) and decay[0] >= 0
+                                      and isinstance(decay[1], numbers.Real) and not isinstance(decay[1], bool)):
+            raise ValueError(f"exponential_decay_length_penalty={decay!r} must be (start index, decay factor), e.g. "
+                             f"(10, 1.05)")
+        self.eos, self.begin, self.forced = list(eos), list(begin or []), list(forced or [])
         self.min_new_tokens = min_new_tokens if self.eos else 0  # (HF: no EOS, nothing to hold back)
+        self.last_step = last_step if self.forced else None
+        self.decay = tuple(decay) if decay is not None and self.eos else None
         self._tensors: dict = {}
 
     def __bool__(self) -> bool:
-        return bool(self.min_new_tokens or self.begin)
+        return bool(self.min_new_tokens or self.begin or self.last_step is not None or self.decay)
 
-    def __call__(self, step: int, device: torch.device) -> torch.Tensor | None:
-        ids = (self.eos if step < self.min_new_tokens else []) + (self.begin if step == 0 else [])
-        if not ids:
-            return None
+    def _ids(self, ids: list[int], device: torch.device) -> torch.Tensor:
         key = (tuple(ids), device)
         if key not in self._tensors:
             self._tensors[key] = torch.tensor(ids, dtype=torch.long, device=device)
         return self._tensors[key]
 
+    def __call__(self, step: int, device: torch.device) -> dict:
+        rules = {}
+        banned = (self.eos if step < self.min_new_tokens else []) + (self.begin if step == 0 else [])
+        if banned:
+            rules["suppress_ids"] = self._ids(banned, device)
+        if step == self.last_step:
+            rules["force_ids"] = self._ids(self.forced, device)
+        if self.decay is not None and step > self.decay[0]:
+            rules["eos_boost"] = (self._ids(self.eos, device), float(self.decay[1]) ** (step - self.decay[0]))
+        return rules
+
 
 def suppress(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Set the logits of token ids (a 1-D tensor; ids past the vocabulary are ignored) to -inf: the
     EOS ids until ``min_new_tokens`` are out."""
-    vocab = torch.arange(logits.shape[-1], device=logits.device)
-    return logits.masked_fill(torch.isin(vocab, ids), NEG_INF)
+    return logits.masked_fill(_among(logits, ids), NEG_INF)
+
+
+def force(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Only token ids (1-D) stay possible, at logit 0 (HF's forced EOS)."""
+    return torch.full_like(logits, NEG_INF).masked_fill(_among(logits, ids), 0.0)
+
+
+def boost(logits: torch.Tensor, ids: torch.Tensor, factor: float) -> torch.Tensor:
+    """Raise the finite logits of token ids (1-D) by ``|logit| * (factor - 1)`` (HF's exponential decay
+    length penalty, ``factor`` = decay ** steps past its start)."""
+    up = (logits.abs() * (factor - 1)).masked_fill(~(_among(logits, ids) & torch.isfinite(logits)), 0.0)
+    return logits + up
+
+
+def _among(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(V,) True at the columns of token ids ``ids`` (1-D); ids past the vocabulary match none."""
+    return torch.isin(torch.arange(logits.shape[-1], device=logits.device), ids)
 
 
 @dataclass
@@ -270,15 +309,19 @@ def process_logits(
     no_repeat_ngram_size: int | None = None,
     bias: SequenceBias | None = None,
     suppress_ids: torch.Tensor | None = None,
+    force_ids: torch.Tensor | None = None,
+    eos_boost: tuple[torch.Tensor, float] | None = None,
+    renormalize_logits: bool = False,
     input_mask: torch.Tensor | None = None,
     min_tokens_to_keep: int = 1,
 ) -> torch.Tensor:
     """All processors in HF ``generate``'s order; ``None`` (or a neutral value) skips one.
 
     Greedy (``temperature`` 0 or None) applies only the sequence biases (``bias``: sequence_bias,
-    bad words, suppressed tokens), the repetition penalty, the n-gram ban and ``suppress_ids`` (1-D,
-    ``HeldBack``'s ids of this step), as HF does with ``do_sample=False``: the others cannot change
-    the argmax (typical could, and HF skips it too). ``input_ids`` (B, T) is the sequence so far,
+    bad words, suppressed tokens), the repetition penalty, the n-gram ban and ``StepRules``' keywords
+    of this step (``suppress_ids``, ``force_ids``, ``eos_boost``), as HF does with ``do_sample=False``:
+    the others cannot change the argmax (typical could, and HF skips it too). ``renormalize_logits``
+    ends with a log-softmax (HF's, for beam scores after the processors). ``input_ids`` (B, T) is the sequence so far,
     needed for the penalty, the n-gram ban and the biases; ``input_mask`` (B, T) False where a
     position must not count (padding).
     """
@@ -293,8 +336,19 @@ def process_logits(
         logits = no_repeat_ngram_filter(logits, input_ids, no_repeat_ngram_size, input_mask)
     if suppress_ids is not None:
         logits = suppress(logits, suppress_ids)
-    if is_greedy(temperature):
-        return logits
+    if force_ids is not None:
+        logits = force(logits, force_ids)
+    if eos_boost is not None:
+        logits = boost(logits, *eos_boost)
+    if not is_greedy(temperature):
+        logits = warp(logits, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, min_tokens_to_keep)
+    return torch.log_softmax(logits, dim=-1) if renormalize_logits else logits
+
+
+def warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
+         typical_p: float | None, epsilon_cutoff: float | None, eta_cutoff: float | None,
+         min_tokens_to_keep: int) -> torch.Tensor:
+    """The sampling processors (HF's former "warpers"), in HF's order."""
     if temperature != 1.0:
         logits = apply_temperature(logits, temperature)
     if top_k is not None and top_k != 0:
@@ -343,10 +397,10 @@ def check_sampling_args(
     min_length: int | None = None,
     epsilon_cutoff: float | None = None,
     eta_cutoff: float | None = None,
-    **token_lists,
+    **rest,
 ) -> None:
-    """Raise a one-line ValueError for a setting HF would reject too (``token_lists``, the biases and
-    banned ids, are checked where they are compiled, ``token_biases`` and ``HeldBack``)."""
+    """Raise a one-line ValueError for a setting HF would reject too (``rest``: the biases, banned and
+    forced ids, checked where they are compiled, ``token_biases`` and ``StepRules``)."""
     for name, value in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
         if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1):
             raise ValueError(f"{name}={value!r} must be a number in [0, 1) (None or 0 = off)")

@@ -350,15 +350,16 @@ def special_token_ids(tok: Tokenizer | None) -> dict[str, Any]:
 _SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": None, "min_p": None, "typical_p": None,
                       "epsilon_cutoff": None, "eta_cutoff": None}
 # token-list fields that apply in every mode (generate checks their shape)
-_TOKEN_LISTS = ("sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
+_TOKEN_LISTS = ("sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_eos_token_id",
+                "exponential_decay_length_penalty")
 # ... and for beam search (num_beams > 1); num_return_sequences applies to beam search only here
 _BEAM_DEFAULTS = {"length_penalty": 1.0, "early_stopping": False, "num_return_sequences": 1}
 # generation_config.json fields that change transformers' output and that lmstack.generate does not
 # implement, with the values that leave them off
 _UNSUPPORTED = {
     "encoder_no_repeat_ngram_size": 0, "force_words_ids": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "num_beam_groups": 1, "diversity_penalty": 0.0, "exponential_decay_length_penalty": None,
-    "penalty_alpha": None, "guidance_scale": None, "renormalize_logits": False, "encoder_repetition_penalty": 1.0,
+    "num_beam_groups": 1, "diversity_penalty": 0.0,
+    "penalty_alpha": None, "guidance_scale": None, "encoder_repetition_penalty": 1.0,
     "dola_layers": None, "max_time": None, "stop_strings": None, "constraints": None, "top_h": None,
     "watermarking_config": None, "token_healing": False,
 }
@@ -379,8 +380,9 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
     unset ones; with num_beams > 1, beam search with its length_penalty, early_stopping and
     num_return_sequences (transformers' defaults 1.0, False, 1), sampled when do_sample is set (beam
     sampling, as transformers); either way its repetition_penalty, no_repeat_ngram_size,
-    min_new_tokens, min_length, sequence_bias, bad_words_ids, suppress_tokens and
-    begin_suppress_tokens, and its max_new_tokens, else its max_length (prompt + new tokens). Stop
+    min_new_tokens, min_length, sequence_bias, bad_words_ids, suppress_tokens,
+    begin_suppress_tokens, forced_eos_token_id, exponential_decay_length_penalty and
+    renormalize_logits, and its max_new_tokens, else its max_length (prompt + new tokens). Stop
     ids come from the tokenizer (``Tokenizer.stop_ids``); fields lmstack does not implement are
     listed by ``unsupported_generation_settings``."""
     file = Path(folder) / "generation_config.json"
@@ -402,6 +404,8 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
     if "max_new_tokens" in out:  # transformers: max_new_tokens takes precedence
         out.pop("max_length", None)
     out.update({k: gc[k] for k in _TOKEN_LISTS if gc.get(k) not in (None, [], {})})
+    if gc.get("renormalize_logits"):
+        out["renormalize_logits"] = True
     if out.get("num_beams", 1) > 1:
         for key, default in _BEAM_DEFAULTS.items():
             value = gc.get(key)
