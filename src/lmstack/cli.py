@@ -505,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--repetition-penalty", type=float, default=None)
     ge.add_argument("--no-repeat-ngram-size", type=int, default=None,
                     help="n > 0: never repeat an n-gram of the prompt or the text so far (HF's no_repeat_ngram_size)")
-    ge.add_argument("--min-new-tokens", type=int, default=None, help="hold the stop tokens back until this many are out")
+    ge.add_argument("--min-new-tokens", type=int, default=None,
+                    help="hold the stop tokens back until this many are out")
     ge.add_argument("--num-beams", type=int, default=None,
                     help="> 1: beam search, as HF generate(num_beams=N), printed when done: deterministic with "
                          "--temperature 0, else beam sampling (HF's do_sample=True) with the filters given")

@@ -258,10 +258,10 @@ def beam_search(
     if bool(short.any()):
         b = int(short.nonzero()[0])
         found = int(real[b].sum())
+        filters = ", ".join(f"{k}={processors.get(k)}" for k in FILTERS)
         raise ValueError(f"beam {'sampling' if sample else 'search'} found {found} hypotheses for prompt {b}, fewer "
-                         f"than num_return_sequences={R}: the filters ({', '.join(f'{k}={processors.get(k)}' for k in FILTERS)}"
-                         f") or banned tokens keep too few tokens for num_beams={N}; loosen them, or lower num_beams or "
-                         f"num_return_sequences")
+                         f"than num_return_sequences={R}: the filters ({filters}) or banned tokens keep too few tokens "
+                         f"for num_beams={N}; loosen them, or lower num_beams or num_return_sequences")
     new = int(store.lengths[:, :R].max())  # longest returned hypothesis
     sequences = store.seqs[:, :R, : T + new].reshape(B * R, T + new)
     return GenerateOutput(sequences=sequences, scores=store.scores[:, :R].reshape(B * R))

@@ -730,11 +730,12 @@ def generate_stream(
     max_length: int | None = None,
 ) -> Iterator[int]:
     """Yield the new token ids of one prompt (a 1-D list or tensor of ids) one at a time, stopping
-    before an EOS id (which is not yielded). Same sampling, length (``max_new_tokens``,
+    before an EOS id (which is not yielded). Same logits-processing, length (``max_new_tokens``,
     ``max_length``), ``compile`` and ``static_cache`` keywords as ``generate``; the arguments are
-    checked here, before the first token is asked for. Like ``generate``, the stream decodes with the model's CPU decode layout
-    (``cpu_decode_layout``), from the first token until the stream is exhausted or closed, so the
-    model's weights must not change in between (its KV cache would be stale too)."""
+    checked here, before the first token is asked for. Like ``generate``, the stream decodes with
+    the model's CPU decode layout (``cpu_decode_layout``), from the first token until the stream is
+    exhausted or closed, so the model's weights must not change in between (its KV cache would be
+    stale too)."""
     settings = {k: v for k, v in locals().items() if k in PROCESSING_KEYS}  # the logits-processing keywords
     check_sampling_args(**settings)
     refuse_text(input_ids)

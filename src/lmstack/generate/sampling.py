@@ -1,12 +1,14 @@
-"""Logits processors and sampling: repetition penalty (Keskar et al. 2019), the n-gram ban (Paulus
-et al. 2017), EOS held back for a minimum length, temperature, top-k (Fan et al. 2018), nucleus /
-top-p (Holtzman et al. 2019), min-p (Nguyen et al. 2024) and locally typical sampling (Meister et
-al. 2022), then a draw by the exponential race.
+"""Logits processors and sampling: sequence biases and banned words, repetition penalty (Keskar et
+al. 2019), the n-gram ban (Paulus et al. 2017), step rules (EOS held back for a minimum length,
+tokens banned at the first step, a forced last token, an EOS boost that grows with length), then for
+sampling temperature, top-k (Fan et al. 2018), nucleus / top-p (Holtzman et al. 2019), min-p (Nguyen
+et al. 2024), locally typical (Meister et al. 2022), epsilon and eta sampling (Hewitt et al. 2022),
+and a draw by the exponential race.
 
 Each processor is a pure function on float logits (B, V) that returns new logits with the removed
-tokens at -inf. ``process_logits`` chains them in the order HF ``generate(do_sample=True)`` does:
-repetition penalty, n-gram ban, held-back EOS, temperature, top-k, top-p, min-p, typical, with HF's tie and
-``min_tokens_to_keep`` rules, so the same settings keep the same tokens. Sampling draws
+tokens at -inf. ``process_logits`` chains them in the order HF ``generate`` does, with HF's tie and
+``min_tokens_to_keep`` rules, so the same settings keep the same tokens (each is checked against
+HF's processor of the same name). Sampling draws
 ``argmax(p / E)`` with ``E ~ Exponential(1)`` i.i.d. per token, which picks token i with probability
 p_i (the smallest of independent exponentials E_i / p_i wins with probability p_i / sum p): no
 cumulative sum, no ``multinomial``, no host sync, and a seeded ``torch.Generator`` makes it
@@ -206,7 +208,7 @@ def token_biases(
                              f"{{(id, ...): bias}} or [[[id, ...], bias], ...]")
         entries += [(list(ids), float(b)) for ids, b in pairs]
     if bad_words_ids is not None:
-        if not isinstance(bad_words_ids, (list, tuple)) or not bad_words_ids or not all(map(_token_list, bad_words_ids)):
+        if not (isinstance(bad_words_ids, (list, tuple)) and bad_words_ids and all(map(_token_list, bad_words_ids))):
             raise ValueError(f"bad_words_ids={bad_words_ids!r} must be a non-empty list of non-empty token-id lists")
         entries += [(list(ids), -math.inf) for ids in bad_words_ids if not (len(ids) == 1 and ids[0] in eos)]
     if suppress_tokens is not None:
@@ -321,9 +323,9 @@ def process_logits(
     bad words, suppressed tokens), the repetition penalty, the n-gram ban and ``StepRules``' keywords
     of this step (``suppress_ids``, ``force_ids``, ``eos_boost``), as HF does with ``do_sample=False``:
     the others cannot change the argmax (typical could, and HF skips it too). ``renormalize_logits``
-    ends with a log-softmax (HF's, for beam scores after the processors). ``input_ids`` (B, T) is the sequence so far,
-    needed for the penalty, the n-gram ban and the biases; ``input_mask`` (B, T) False where a
-    position must not count (padding).
+    ends with a log-softmax (HF's, for beam scores after the processors). ``input_ids`` (B, T) is
+    the sequence so far, needed for the penalty, the n-gram ban and the biases; ``input_mask`` (B, T)
+    False where a position must not count (padding).
     """
     if (repetition_penalty not in (None, 1.0) or no_repeat_ngram_size or bias is not None) and input_ids is None:
         raise ValueError("repetition_penalty, no_repeat_ngram_size and sequence biases need input_ids, the sequence "
@@ -341,7 +343,8 @@ def process_logits(
     if eos_boost is not None:
         logits = boost(logits, *eos_boost)
     if not is_greedy(temperature):
-        logits = warp(logits, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, min_tokens_to_keep)
+        logits = warp(logits, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff,
+                      min_tokens_to_keep)
     return torch.log_softmax(logits, dim=-1) if renormalize_logits else logits
 
 
