@@ -2,7 +2,9 @@
 
 Three workloads, each with every library's own ``generate`` and no EOS (every row decodes all
 ``--new-tokens`` tokens after a ``--prompt-len``-token prompt):
-  greedy batch 1, greedy batch 8, and beam search with 4 beams (batch 1).
+  greedy batch 1, greedy batch 8, and beam search with 4 beams (batch 1); on the CPU a fourth, beam
+  sampling with 4 beams (temperature 1, top-k 50, both libraries seeded alike, so the tokens agree
+  with a transformers that sorts the drawn candidates, 5.24).
 tokens/s counts generated positions per prompt row: batch 8 counts 8 per step, beam search 1 per
 step however many beams it keeps. Timings are the best of ``--repeats`` rounds after a warm-up
 (compilation excluded), the libraries taking turns within each round. The script also reports
@@ -41,6 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, hf_twin, meta, publish, update_docs  # noqa: E402
 
 WORKLOADS = {"greedy batch 1": (1, 1), "greedy batch 8": (8, 1), "beam search, 4 beams": (1, 4)}
+CPU_WORKLOADS = {"beam sampling, 4 beams": (1, 4)}  # not on the GPU: its session script has a fixed budget
+SAMPLING = {"temperature": 1.0, "top_k": 50}  # HF's generate(do_sample=True) defaults, given to both
+SEED = 0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -126,18 +131,24 @@ def main() -> int:
     results = {"meta": meta(), "model": args.model, "dtype": args.dtype, "prompt_len": args.prompt_len,
                "new_tokens": N, "repeats": args.repeats, "weight_scale": args.weight_scale, "threads": args.threads,
                "workloads": {}}
-    for wl, (B, beams) in WORKLOADS.items():
+    for wl, (B, beams) in {**WORKLOADS, **(CPU_WORKLOADS if cpu else {})}.items():
         ids = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g).to(device)
-        fns = {name: (lambda kw=kw: generate(ours, ids, N, num_beams=beams, **kw).sequences)
+        sampled = wl in CPU_WORKLOADS
+        ours_kw = dict(SAMPLING, seed=SEED) if sampled else {}
+        fns = {name: (lambda kw=kw: generate(ours, ids, N, num_beams=beams, **ours_kw, **kw).sequences)
                for name, kw in variants.items()}
         hf_runs = {"hf": {}}
         if device.type == "cuda":
             # transformers compiles the forward itself when the cache is static (on CUDA)
             hf_runs["hf static cache"] = {"cache_implementation": "static"}
         for name, kw in hf_runs.items():
-            fns[name] = lambda kw=kw: theirs.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
-                do_sample=False, num_beams=beams, early_stopping=False, **kw)
+            def hf(kw=kw):
+                if sampled:
+                    torch.manual_seed(SEED)  # HF draws from the global generator; lmstack's seed=SEED is the same stream
+                return theirs.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
+                    do_sample=sampled, num_beams=beams, early_stopping=False, **(SAMPLING if sampled else {}), **kw)
+            fns[name] = hf
         with torch.inference_mode():
             best, outs = timed(fns, args.repeats, device, optional=("hf static cache",))
         for name, out in outs.items():  # tokens/s credits B x N tokens: each side must have made them all

@@ -25,6 +25,8 @@ import torch
 
 import lmstack
 
+from .hf_models import hf_sorts_beam_samples
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,9 +265,10 @@ def _decode_main(mod, sandbox, monkeypatch, short_by=0):
 def test_decode_vs_hf_plumbing_same_tokens(sandbox, monkeypatch):
     mod = load_bench("decode_vs_hf")
     rc, r = _decode_main(mod, sandbox, monkeypatch)
-    assert rc == 0 and set(r["workloads"]) == set(mod.WORKLOADS)
-    for row in r["workloads"].values():
-        assert row["same_tokens"] is True  # fp32: greedy and beam search agree with HF's token for token
+    assert rc == 0 and set(r["workloads"]) == set(mod.WORKLOADS) | set(mod.CPU_WORKLOADS)
+    for wl, row in r["workloads"].items():
+        if wl not in mod.CPU_WORKLOADS or hf_sorts_beam_samples():  # (older transformers sample beams otherwise)
+            assert row["same_tokens"] is True, wl  # fp32: greedy, beam search, seeded beam sampling agree with HF
         assert all(row[k] > 0 for k in ("lmstack", "lmstack+compile", "hf"))
     assert r["meta"]["commit"] and r["new_tokens"] == 5 and r["prompt_len"] == 6
 
