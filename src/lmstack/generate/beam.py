@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from .decode import GenerateOutput, Steps, is_int, padded_positions, prefill
-from .sampling import StepRules, is_greedy, process_logits
+from .sampling import StepRules, is_greedy, process_logits, reads_text
 
 FILTERS = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")  # named when they keep too few
 
@@ -176,8 +176,7 @@ def beam_search(
     N, R = num_beams, num_return_sequences
     processors = processors or {}
     sample = not is_greedy(processors.get("temperature"))
-    uses_text = processors.get("repetition_penalty") not in (None, 1.0) or processors.get("no_repeat_ngram_size") \
-        or processors.get("bias") is not None  # processors that read the text so far
+    uses_text = reads_text(processors)
     B, T = ids.shape
     total, dev = T + max_new_tokens, ids.device
     rows = torch.arange(B, device=dev).repeat_interleave(N)  # (B*N,) the prompt of each beam row

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..kernels import TORCH_VERSION
-from .sampling import StepRules, check_sampling_args, is_greedy, process_logits, sample, token_biases
+from .sampling import StepRules, check_sampling_args, is_greedy, process_logits, reads_text, sample, token_biases
 
 if TYPE_CHECKING:
     from ..model.cache import KVCache
@@ -498,8 +498,7 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 def plain(processors: dict, held: StepRules | None = None) -> bool:
     """True when ``processors`` (``process_logits``' keywords) and ``held`` leave greedy's argmax as it is
     (renormalize_logits does not change it)."""
-    return (is_greedy(processors.get("temperature")) and processors.get("repetition_penalty") in (None, 1.0)
-            and not processors.get("no_repeat_ngram_size") and processors.get("bias") is None and not held)
+    return is_greedy(processors.get("temperature")) and not reads_text(processors) and not held
 
 
 def make_chooser(processors: dict, generator: torch.Generator | None, *, held: StepRules | None = None,

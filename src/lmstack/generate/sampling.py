@@ -82,7 +82,7 @@ class StepRules:
     def __init__(self, eos: Sequence[int] = (), min_new_tokens: int = 0, begin: Sequence[int] | None = None,
                  forced_eos: int | Sequence[int] | None = None, last_step: int | None = None,
                  decay: Sequence[float] | None = None):
-        if begin is not None and (not isinstance(begin, (list, tuple)) or (begin and not _token_list(begin))):
+        if begin is not None and not _token_list(begin, empty=True):
             raise ValueError(f"begin_suppress_tokens={begin!r} must be a list of token ids")
         forced = [forced_eos] if isinstance(forced_eos, numbers.Integral) else forced_eos
         if forced is not None and (isinstance(forced_eos, bool) or not _token_list(forced)):
@@ -212,15 +212,23 @@ def token_biases(
             raise ValueError(f"bad_words_ids={bad_words_ids!r} must be a non-empty list of non-empty token-id lists")
         entries += [(list(ids), -math.inf) for ids in bad_words_ids if not (len(ids) == 1 and ids[0] in eos)]
     if suppress_tokens is not None:
-        if not isinstance(suppress_tokens, (list, tuple)) or not _token_list(list(suppress_tokens) or [0]):
+        if not _token_list(suppress_tokens, empty=True):
             raise ValueError(f"suppress_tokens={suppress_tokens!r} must be a list of token ids")
         entries += [([t], -math.inf) for t in suppress_tokens if t < vocab_size]
     return SequenceBias.build(entries, vocab_size, device)
 
 
-def _token_list(ids) -> bool:
-    return (isinstance(ids, (list, tuple)) and len(ids) > 0
+def _token_list(ids, *, empty: bool = False) -> bool:
+    """A list or tuple of token ids (non-negative integers), non-empty unless ``empty``."""
+    return (isinstance(ids, (list, tuple)) and (empty or len(ids) > 0)
             and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in ids))
+
+
+def reads_text(processors: dict) -> bool:
+    """Whether ``process_logits``' keywords ``processors`` hold one that reads the text so far (the
+    repetition penalty, the n-gram ban, sequence biases), so needs input_ids and a padding mask."""
+    return (processors.get("repetition_penalty") not in (None, 1.0) or bool(processors.get("no_repeat_ngram_size"))
+            or processors.get("bias") is not None)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
