@@ -1,6 +1,9 @@
-"""Tiny byte-level BPE tokenizers built like the Hub's (GPT-2, Llama 3, Qwen2), for tokenizer parity tests."""
+"""Tiny tokenizers built like the Hub's (GPT-2, Llama 3, Qwen2 byte-level BPE; Llama 2 / Mistral
+SentencePiece BPE), for tokenizer parity tests."""
 
 from __future__ import annotations
+
+import json
 
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
@@ -29,3 +32,26 @@ def byte_level_bpe(texts: list[str], vocab_size: int, specials: list[str], split
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tok
+
+
+def sentencepiece_bpe(texts: list[str], specials=("<unk>", "<s>", "</s>"), prepend_scheme: str = "first", *,
+                      vocab_size: int = 300, fuse_unk: bool = False) -> HFTokenizer:
+    """A SentencePiece BPE trained on ``texts`` and converted to tokenizer.json as Llama 2 / Mistral
+    ship it: a Metaspace pre-tokenizer (``prepend_scheme``, no split), ``<unk>``, 256 byte-fallback
+    pieces ``<0xNN>`` after the trained vocabulary, and the decoder that turns "▁" back into spaces,
+    fuses the fallback bytes and strips one leading space."""
+    base = HFTokenizer(models.BPE(unk_token="<unk>"))
+    base.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
+    base.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                                        show_progress=False))
+    spec = json.loads(base.to_str())
+    vocab = spec["model"]["vocab"]
+    n = len(vocab)
+    vocab.update({f"<0x{i:02X}>": n + i for i in range(256)})
+    spec["model"]["byte_fallback"] = True
+    if fuse_unk:
+        spec["model"]["fuse_unk"] = True
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    return HFTokenizer.from_str(json.dumps(spec))

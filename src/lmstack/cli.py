@@ -295,7 +295,8 @@ def _decoding_settings(args, folder: Path) -> dict:
                  no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
                  max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                  num_return_sequences=args.num_return_sequences, length_penalty=args.length_penalty,
-                 early_stopping=args.early_stopping)
+                 early_stopping=args.early_stopping, max_time=args.max_time,
+                 stop_strings=None if args.stop is None else [t.replace("\\n", "\n") for t in args.stop])
     given = {k: v for k, v in given.items() if v is not None}
     from_file = generation_settings(folder)
     if given.get("num_beams", 2) <= 1:  # --num-beams 1 turns the file's beam search off
@@ -340,6 +341,8 @@ def cmd_generate(args) -> int:
         raise ValueError("the prompt is empty; pass some text with --prompt")
     ids = ids + soft_prompt_ids(model)  # a soft prompt trained before the answer goes last (else nothing)
     kw = dict(_decoding_settings(args, folder), eos_token_id=tok.stop_ids or None, seed=args.seed)
+    if "stop_strings" in kw:
+        kw["tokenizer"] = tok
     # printed: the prompt and its continuation, or with a chat template the reply alone; decoded as
     # one text (a SentencePiece word keeps its space), never soft-prompt placeholders or the stop token
     head = [] if chat else [t for t in ids if t >= 0]
@@ -507,6 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="n > 0: never repeat an n-gram of the prompt or the text so far (HF's no_repeat_ngram_size)")
     ge.add_argument("--min-new-tokens", type=int, default=None,
                     help="hold the stop tokens back until this many are out")
+    ge.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                    help="end the reply once its text holds TEXT (repeatable; \\n = newline; replaces "
+                         "generation_config.json's stop_strings; TEXT is printed, as HF keeps it)")
+    ge.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
+                    help="stop after the step that ends past this many seconds (HF's max_time)")
     ge.add_argument("--num-beams", type=int, default=None,
                     help="> 1: beam search, as HF generate(num_beams=N), printed when done: deterministic with "
                          "--temperature 0, else beam sampling (HF's do_sample=True) with the filters given")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import AddedToken, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 from lmstack.data.tokenizer import Tokenizer  # noqa: E402
 
 from ..hf_models import hf_is_5  # noqa: E402
-from ..hf_tokenizers import LLAMA3_RE, QWEN_RE, byte_level_bpe  # noqa: E402
+from ..hf_tokenizers import LLAMA3_RE, QWEN_RE, byte_level_bpe, sentencepiece_bpe  # noqa: E402
 
 # lmstack reads tokenizer folders as transformers 5 does; 4.x reads some of these differently
 pytestmark = pytest.mark.skipif(not hf_is_5(), reason="pins transformers 5's reading of tokenizer folders")
@@ -94,27 +94,16 @@ def _both(folder: Path):
 
 # -- backends -----------------------------------------------------------------------------------------
 def _sentencepiece_bpe(form: str) -> HFTokenizer:
-    """A SentencePiece BPE converted to tokenizer.json: <unk>/<s>/</s>, byte fallback, the decoder that
-    strips one leading space. `form`: "legacy" = Llama-2's (no pre-tokenizer; normalizer Prepend("▁") +
+    """A SentencePiece BPE converted to tokenizer.json (``sentencepiece_bpe``) with Llama 2's BOS
+    post-processor. `form`: "legacy" = Llama-2's (no pre-tokenizer; normalizer Prepend("▁") +
     Replace(" ", "▁")), or a Metaspace pre-tokenizer with prepend_scheme "first" / "always"."""
-    base = HFTokenizer(models.BPE(unk_token="<unk>"))
-    base.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always" if form == "legacy" else form,
-                                                  split=False)
-    base.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                                         show_progress=False))
-    spec = json.loads(base.to_str())
-    vocab = spec["model"]["vocab"]
-    n = len(vocab)
-    vocab.update({f"<0x{i:02X}>": n + i for i in range(256)})
-    spec["model"].update(byte_fallback=True, fuse_unk=True)
-    spec["decoder"] = {"type": "Sequence", "decoders": [
-        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
-        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    tok = sentencepiece_bpe(CORPUS, prepend_scheme="always" if form == "legacy" else form, fuse_unk=True)
     if form == "legacy":
+        spec = json.loads(tok.to_str())
         spec["pre_tokenizer"] = None
         spec["normalizer"] = {"type": "Sequence", "normalizers": [
             {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
-    tok = HFTokenizer.from_str(json.dumps(spec))
+        tok = HFTokenizer.from_str(json.dumps(spec))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return tok

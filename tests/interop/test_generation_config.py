@@ -308,13 +308,45 @@ def test_fields_lmstack_does_not_implement_are_named(tmp_path, capsys):
     """transformers would apply them; lmstack says on stderr that it decodes without them."""
     from lmstack.interop import unsupported_generation_settings
 
-    gen = {"stop_strings": ["END"], "diversity_penalty": 0.5, "num_beam_groups": 1, "force_words_ids": None,
-           "renormalize_logits": False, "encoder_repetition_penalty": 1.0}
+    gen = {"guidance_scale": 1.5, "diversity_penalty": 0.5, "num_beam_groups": 1, "force_words_ids": None,
+           "renormalize_logits": False, "encoder_repetition_penalty": 1.0, "stop_strings": ["END"]}
     folder, _ = _cli_folder(tmp_path, gen)
-    assert unsupported_generation_settings(folder) == {"stop_strings": ["END"], "diversity_penalty": 0.5}
+    assert unsupported_generation_settings(folder) == {"guidance_scale": 1.5, "diversity_penalty": 0.5}
     rc, out, err = _run_cli(capsys, folder, "--max-new-tokens", "3", "--no-stream")
     assert rc == 0 and out.startswith("the quick brown fox")
     assert len(err.splitlines()) == 1
-    assert "sets diversity_penalty=0.5, stop_strings=['END'], which lmstack does not implement" in err
+    assert "sets diversity_penalty=0.5, guidance_scale=1.5, which lmstack does not implement" in err
     (folder / "generation_config.json").unlink()
     assert unsupported_generation_settings(folder) == {}
+
+
+def test_max_time_from_the_file_and_the_flag(tmp_path, capsys):
+    """A file's max_time bounds `lmstack generate` as HF generate()'s MaxTimeCriteria does: with 0
+    seconds every step overruns, so one new token, as HF gives; --max-time overrides it."""
+    folder, tok = _cli_folder(tmp_path, {"max_time": 0})
+    assert generation_settings(folder) == {"temperature": 0.0, "max_time": 0}
+    ids = tok.encode("the quick brown fox")
+    with torch.no_grad():
+        ref = load_hf(folder).generate(torch.tensor([ids]), pad_token_id=0, max_new_tokens=12)[0, len(ids):].tolist()
+    assert len(ref) == 1
+    for flags in ([], ["--no-stream"]):
+        rc, out, _ = _run_cli(capsys, folder, "--max-new-tokens", "12", *flags)
+        assert rc == 0 and out == tok.decode(ids + ref) + "\n"
+    rc, out, _ = _run_cli(capsys, folder, "--max-new-tokens", "12", "--max-time", "3600", "--no-stream")
+    new = _hf_continuation(folder, ids, do_sample=False, max_time=3600.0)
+    new = new[: new.index(tok.eos_id) if tok.eos_id in new else len(new)]
+    assert rc == 0 and out == tok.decode(ids + new) + "\n" and len(new) > 1
+    (folder / "generation_config.json").write_text(json.dumps({"max_time": "1s"}))
+    with pytest.raises(ValueError, match="max_time in .* must be a number"):
+        generation_settings(folder)
+
+
+def test_stop_strings_are_read(tmp_path):
+    """transformers takes one string or a list; anything else is a one-line error naming the file."""
+    for value, want in (("END", ["END"]), (["a", "\nUser:"], ["a", "\nUser:"]), ([], None)):
+        (tmp_path / "generation_config.json").write_text(json.dumps({"stop_strings": value}))
+        assert generation_settings(tmp_path).get("stop_strings") == want
+    for bad in (["a", ""], [1], {"a": 1}, 3):
+        (tmp_path / "generation_config.json").write_text(json.dumps({"stop_strings": bad}))
+        with pytest.raises(ValueError, match="stop_strings in .* must be a string or a list of non-empty strings"):
+            generation_settings(tmp_path)

@@ -23,11 +23,11 @@ transformers = pytest.importorskip("transformers")
 import lmstack  # noqa: E402
 from lmstack.data.tokenizer import Tokenizer  # noqa: E402
 from lmstack.interop import from_hf, to_hf  # noqa: E402
-from tokenizers import AddedToken, models, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import AddedToken, processors  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
 from ..hf_models import hf_rope, load_hf, rope_as_4x  # noqa: E402
-from ..hf_tokenizers import LLAMA3_RE, QWEN_RE, byte_level_bpe  # noqa: E402
+from ..hf_tokenizers import LLAMA3_RE, QWEN_RE, byte_level_bpe, sentencepiece_bpe  # noqa: E402
 
 V = 256
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -482,18 +482,7 @@ def _byte_level(split_re: str, specials: list[str], *, nfc=False) -> HFTokenizer
 
 def _metaspace(specials: list[str]) -> HFTokenizer:
     """A SentencePiece-converted BPE as Mistral / Llama 2 ship it: Metaspace, byte fallback."""
-    base = HFTokenizer(models.BPE(unk_token="<unk>"))
-    base.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    base.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False))
-    spec = json.loads(base.to_str())
-    vocab = spec["model"]["vocab"]
-    n = len(vocab)
-    vocab.update({f"<0x{i:02X}>": n + i for i in range(256)})
-    spec["model"]["byte_fallback"] = True
-    spec["decoder"] = {"type": "Sequence", "decoders": [
-        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
-        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
-    return HFTokenizer.from_str(json.dumps(spec))
+    return sentencepiece_bpe(CORPUS, specials)
 
 
 def _added_tokens_decoder(tok: HFTokenizer) -> dict:

@@ -19,7 +19,7 @@ import json
 import os
 import re
 
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -294,28 +294,37 @@ class Tokenizer:
     def token_to_id(self, s: str) -> int | None:
         return self.hf.token_to_id(s)
 
-    def token_bytes(self) -> np.ndarray:
-        """(vocab_size,) int32: UTF-8 bytes each token stands for, 0 for special/added tokens and
-        unused ids. Byte-level BPE writes each byte as one character, so it is the token's length;
-        a SentencePiece vocabulary writes a space as "▁" and a fallback byte as "<0xNN>"."""
-        added = set(self.hf.get_added_tokens_decoder())
+    def token_texts(self) -> list[bytes]:
+        """(vocab_size,) the UTF-8 bytes each id stands for in the middle of a text: a byte-level BPE
+        token's bytes, a SentencePiece piece with "▁" as a space and "<0xNN>" as that byte, an added
+        or special token's content (what HF's stop-string matching reads); b"" for unused ids."""
+        added = self.hf.get_added_tokens_decoder()  # id -> AddedToken
         byte_level = _byte_level(self.hf)
         if not byte_level and not _sentencepiece(self.hf):
-            raise ValueError("token_bytes needs a byte-level BPE or SentencePiece tokenizer; this one's "
-                             "decoder is neither")
-        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
-        out = np.zeros(self.vocab_size, dtype=np.int32)
+            raise ValueError("reading the text of each token needs a byte-level BPE or SentencePiece tokenizer; "
+                             "this one's decoder is neither")
+        chars = _byte_level_chars()
+        out = [b""] * self.vocab_size
         for tok, i in self.hf.get_vocab(with_added_tokens=False).items():
             if i in added:
                 continue
             if byte_level:
-                if not set(tok) <= alphabet:
-                    raise ValueError(f"token {i} ({tok!r}) is not byte-level BPE; token_bytes needs every "
-                                     f"token of a ByteLevel tokenizer to be")
-                out[i] = len(tok)
+                try:
+                    out[i] = bytes(chars[c] for c in tok)
+                except KeyError:
+                    raise ValueError(f"token {i} ({tok!r}) is not byte-level BPE; a ByteLevel tokenizer's tokens "
+                                     f"must all be") from None
             else:
-                out[i] = 1 if _BYTE_PIECE.fullmatch(tok) else len(tok.replace("▁", " ").encode("utf-8"))
+                out[i] = bytes([int(tok[3:5], 16)]) if _BYTE_PIECE.fullmatch(tok) else tok.replace("▁", " ").encode()
+        for i, t in added.items():
+            out[i] = t.content.encode()
         return out
+
+    def token_bytes(self) -> np.ndarray:
+        """(vocab_size,) int32: how many UTF-8 bytes each token stands for (``token_texts``), 0 for
+        special/added tokens and unused ids (bits-per-byte counts the text, not the markup)."""
+        added = self.hf.get_added_tokens_decoder()
+        return np.array([0 if i in added else len(b) for i, b in enumerate(self.token_texts())], dtype=np.int32)
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
@@ -340,6 +349,15 @@ def _without_prefix(step: dict | None) -> dict | None:
     if kind == "ByteLevel":
         return {**step, "add_prefix_space": False}
     return step
+
+
+@cache
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: the printable Latin-1 bytes stand for
+    themselves, every other byte b for chr(256 + n), n counting those others in byte order."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    hidden = sorted(set(range(256)) - set(shown))
+    return {**{chr(b): b for b in shown}, **{chr(256 + n): b for n, b in enumerate(hidden)}}
 
 
 def _id_or_none(hf: HFTokenizer, token: str | None) -> int | None:

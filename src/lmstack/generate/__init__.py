@@ -11,6 +11,7 @@ from .sampling import (
     top_p_filter,
     typical_filter,
 )
+from .stops import StopStrings
 
 __all__ = [
     "GenerateOutput",
@@ -26,4 +27,5 @@ __all__ = [
     "typical_filter",
     "process_logits",
     "sample",
+    "StopStrings",
 ]

@@ -48,8 +48,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .decode import GenerateOutput, Steps, is_int, padded_positions, prefill
+from .decode import GenerateOutput, Steps, is_int, out_of_time, padded_positions, prefill
 from .sampling import StepRules, is_greedy, process_logits, reads_text
+from .stops import StopStrings
 
 FILTERS = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")  # named when they keep too few
 
@@ -163,11 +164,15 @@ def beam_search(
     held: StepRules | None = None,
     generator: torch.Generator | None = None,
     steps: Steps | None = None,
+    stops: StopStrings | None = None,
+    deadline: float | None = None,
 ) -> GenerateOutput:
     """Beam search from prompts ids (B, T) (left-padded where ``pad_mask`` (B, T) is False), with
     ``process_logits``' ``processors`` (repetition penalty, n-gram ban, biases; none by default) on
     the log-probs and ``held``, the ``StepRules`` of each step; beam sampling when their ``temperature``
     is > 0, after the filters given, drawing from ``generator`` (None = torch's global one, as HF).
+    A candidate that completes one of ``stops`` ends like one ending in EOS (HF's stopping criteria);
+    a step that finishes past ``deadline`` is the last (HF's ``max_time``).
 
     Returns ``GenerateOutput(sequences=(B * R, T + T_new), scores=(B * R,))``, R =
     ``num_return_sequences``: the R best hypotheses of prompt b at rows ``b * R ...``, best first.
@@ -199,6 +204,7 @@ def beam_search(
         seq_mask[:, :T] = pad_mask[rows]
 
     eos_ids = torch.tensor(eos, dtype=torch.long, device=dev) if eos else None
+    stop_states = None if stops is None else stops.start(ids, pad_mask)[rows]  # (B*N, n_strings)
     K = max(2, 1 + len(eos)) * N  # candidates per step; HF's filters keep K / N tokens per beam
     beam_scores = torch.zeros(B, N, dtype=torch.float32, device=dev)  # (B, N) summed log-probs of the running beams
     beam_scores[:, 1:] = DEAD_BEAM
@@ -207,19 +213,20 @@ def beam_search(
 
     t = T
     for step in range(max_new_tokens):
-        generated, last = step + 1, step == max_new_tokens - 1
+        generated = step + 1
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B*N, V)
         rules = held(step, dev) if held else {}  # EOS held back, begin tokens, forced EOS, EOS boost
         if uses_text or sample or rules or processors.get("renormalize_logits"):
             logp = process_logits(logp, seq[:, :t], input_mask=None if seq_mask is None else seq_mask[:, :t],
                                   min_tokens_to_keep=K // N, **rules, **processors)
         cand, src, tok = top_candidates(logp, beam_scores, K, sample=sample, generator=generator)  # (B, K), best first
+        ends = torch.isin(tok, eos_ids) if eos_ids is not None else torch.zeros_like(tok, dtype=torch.bool)
+        if stops is not None:  # each candidate's states: its source beam's, after its token
+            cand_states, hit = stops.step(stop_states[(base + src).flatten()], tok.flatten())
+            ends |= hit.view(B, K)
+        last = step == max_new_tokens - 1 or out_of_time(deadline)
         if last:
             ends = torch.ones_like(tok, dtype=torch.bool)
-        elif eos_ids is not None:
-            ends = torch.isin(tok, eos_ids)
-        else:
-            ends = torch.zeros_like(tok, dtype=torch.bool)
 
         # Offer the top-N candidates that end to the store (decided on last step's state, as HF).
         accepting = (open_ & ~store.full()) if early_stopping is True else open_  # (B,)
@@ -238,6 +245,8 @@ def beam_search(
         beam_scores = alive.gather(1, keep)
         beam_rows = (base + src.gather(1, keep)).flatten()  # (B*N,) cache row each new beam extends
         seq = seq[beam_rows]
+        if stops is not None:
+            stop_states = cand_states.view(B, K, -1)[torch.arange(B, device=dev)[:, None], keep].flatten(0, 1)
         seq[:, t] = tok.gather(1, keep).flatten()
         t += 1
 

@@ -3,8 +3,8 @@
 One cache sized prompt + max_new_tokens is allocated up front; ``prefill`` runs the whole prompt
 through it once and ``decode_step`` feeds one token per row, each computing the LM head for the
 last position only. The loop keeps tokens on the device: the only host sync per step is the
-"every row finished?" check, made only when an EOS id is set. Ragged prompts are left-padded; their
-padding keys are masked and their RoPE positions follow HF ``generate``
+"every row finished?" check, made only when an EOS id or a stop string is set. Ragged prompts are
+left-padded; their padding keys are masked and their RoPE positions follow HF ``generate``
 (``cumsum(attention_mask) - 1``, 0 at padding) so greedy output matches HF token for token. A batch
 without padding builds no mask and no position tensor at all.
 """
@@ -15,6 +15,7 @@ import contextlib
 import functools
 import numbers
 import sysconfig
+import time
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -26,8 +27,10 @@ import torch
 
 from ..kernels import TORCH_VERSION
 from .sampling import StepRules, check_sampling_args, is_greedy, process_logits, reads_text, sample, token_biases
+from .stops import StopStrings, stop_strings_for
 
 if TYPE_CHECKING:
+    from ..data.tokenizer import Tokenizer
     from ..model.cache import KVCache
 
 @dataclass
@@ -410,6 +413,23 @@ def as_id_list(token_ids: int | Sequence[int] | torch.Tensor | None) -> list[int
 DEFAULT_NEW_TOKENS = 64  # when neither max_new_tokens nor max_length is given
 
 
+def check_max_time(max_time: float | None) -> None:
+    if max_time is not None and (not isinstance(max_time, numbers.Real) or isinstance(max_time, bool)
+                                 or not 0 <= max_time < float("inf")):
+        raise ValueError(f"max_time={max_time!r} must be a number of seconds >= 0 (or None: no limit)")
+
+
+def deadline_after(max_time: float | None) -> float | None:
+    """HF's ``max_time``: the ``time.monotonic()`` reading after which decoding stops (None: never)."""
+    check_max_time(max_time)
+    return None if max_time is None else time.monotonic() + float(max_time)
+
+
+def out_of_time(deadline: float | None) -> bool:
+    """Whether the step just made ends decoding: its tokens are kept, as HF's MaxTimeCriteria does."""
+    return deadline is not None and time.monotonic() > deadline
+
+
 def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int | None,
                  max_length: int | None = None) -> int:
     """The number of new tokens to allow (checked against the model's context): ``max_new_tokens``,
@@ -562,6 +582,8 @@ def generate(
     exponential_decay_length_penalty: tuple[int, float] | None = None,
     renormalize_logits: bool = False,
     eos_token_id: int | Sequence[int] | None = None,
+    stop_strings: str | Sequence[str] | StopStrings | None = None,
+    tokenizer: Tokenizer | None = None,
     pad_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
     seed: int | None = None,
@@ -573,6 +595,7 @@ def generate(
     compile: bool = False,
     static_cache: bool | None = None,
     max_length: int | None = None,
+    max_time: float | None = None,
 ) -> GenerateOutput:
     """Continue each prompt by up to ``max_new_tokens`` tokens (default 64, or with ``max_length``,
     HF's cap on prompt + new tokens, that less the padded prompt length; ``max_new_tokens`` wins
@@ -595,7 +618,12 @@ def generate(
         those names (``lmstack.generate.sampling``), with HF's semantics and order, in every mode.
     eos_token_id: an id or a list (ints, numpy integers or a tensor); once a row emits one, its
         later tokens are ``pad_token_id`` (default: the first EOS id) and decoding stops when
-        every row has. ``stop_on_eos=False`` ignores EOS and always generates ``max_new_tokens``.
+        every row has. ``stop_on_eos=False`` ignores EOS (and without stop strings always
+        generates ``max_new_tokens``).
+    stop_strings, tokenizer: a row also ends at the token that completes one of these texts (HF's
+        ``stop_strings``: the token is kept, and the text may begin in the prompt; see
+        ``lmstack.generate.stops``); ``tokenizer`` (``lmstack.Tokenizer``) tells what text each id
+        stands for. A ``StopStrings`` built once may be passed instead, with no tokenizer.
     seed: seeds a private ``torch.Generator``, so sampling is reproducible and leaves the global
         RNG alone.
     compile: run the decode step through ``torch.compile`` (see ``compiled_decode_step``).
@@ -615,10 +643,13 @@ def generate(
         finished; False = also stop when the best running beam, at its current length, cannot beat
         the worst finished one; "never" = the same but judged at ``max_new_tokens`` when
         ``length_penalty > 0``.
+    max_time: seconds; once a step ends past them (counted from the call), decoding stops with that
+        step's tokens (HF's ``max_time``; beam search then finishes as at its last step).
     Returns ``GenerateOutput(sequences=(B, T + T_new))``, T_new <= max_new_tokens; beam search
     returns ``(B * num_return_sequences, T + T_new)`` and the final beam ``scores``
     ``(B * num_return_sequences,)``, shorter hypotheses padded with ``pad_token_id``.
     """
+    deadline = deadline_after(max_time)
     settings = {k: v for k, v in locals().items() if k in PROCESSING_KEYS}  # the logits-processing keywords
     check_sampling_args(**settings)
     eos = as_id_list(eos_token_id) if stop_on_eos else []
@@ -632,6 +663,7 @@ def generate(
     max_new_tokens = check_length(model, ids.shape[1], max_new_tokens, max_length)
     check_ids(model, ids, pad_mask)
     processors, held = processing(model, eos, ids.shape[1], max_new_tokens, **settings)
+    stops = stop_strings_for(stop_strings, tokenizer, model.config.vocab_size, device)
     steps = Steps.for_device(device, compile=compile, static=static_cache)
     if num_beams > 1 or num_return_sequences != 1:
         from .beam import beam_search, check_beam_args  # imported here: beam builds on this module
@@ -642,11 +674,13 @@ def generate(
                 model, ids, pad_mask, max_new_tokens, num_beams=int(num_beams),
                 num_return_sequences=int(num_return_sequences),
                 length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
-                processors=processors, held=held, generator=make_generator(seed, device), steps=steps,
+                processors=processors, held=held, generator=make_generator(seed, device), steps=steps, stops=stops,
+                deadline=deadline,
             )
     choose = make_chooser(processors, make_generator(seed, device), held=held, prompt_len=ids.shape[1])
     with cpu_decode_layout(model, compiled=compile), contextlib.closing(steps), torch.inference_mode():
-        seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0, steps=steps)
+        seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0, steps=steps,
+                          stops=stops, deadline=deadline)
     choose.check()
     return GenerateOutput(sequences=seq)
 
@@ -661,8 +695,12 @@ def decode_loop(
     eos: list[int],
     pad_id: int,
     steps: Steps | None = None,
+    stops: StopStrings | None = None,
+    deadline: float | None = None,
 ) -> torch.Tensor:
-    """Prefill, then one decode step per new token; returns the sequences (B, T + T_new)."""
+    """Prefill, then one decode step per new token; returns the sequences (B, T + T_new). A row
+    ends at an ``eos`` id or at the token completing one of ``stops``; all end at a step that
+    finishes past ``deadline`` (``deadline_after``)."""
     steps = steps or Steps()
     B, T = ids.shape
     total = T + max_new_tokens
@@ -679,19 +717,25 @@ def decode_loop(
     pos = None if positions is None else positions[:, -1:] + 1  # (B, 1), advanced in place
 
     eos_ids = torch.tensor(eos, dtype=torch.long, device=ids.device) if eos else None
-    unfinished = torch.ones(B, dtype=torch.bool, device=ids.device) if eos else None
+    stop_states = None if stops is None else stops.start(ids, pad_mask)  # (B, n_strings)
+    ending = eos_ids is not None or stops is not None
+    unfinished = torch.ones(B, dtype=torch.bool, device=ids.device) if ending else None
     t = T
     for step in range(max_new_tokens):
         tok = choose(logits, seq[:, :t], None if seq_mask is None else seq_mask[:, :t])  # (B,)
-        if eos_ids is not None:
+        if ending:
             # finished rows emit padding (HF) but go on feeding the model a token of its vocabulary:
             # pad_token_id need not be one, and their later logits are never used
             seq[:, t] = torch.where(unfinished, tok, pad_id)
-            unfinished &= ~torch.isin(seq[:, t], eos_ids)
+            if eos_ids is not None:
+                unfinished &= ~torch.isin(seq[:, t], eos_ids)
+            if stops is not None:
+                stop_states, hit = stops.step(stop_states, tok)
+                unfinished &= ~hit
         else:
             seq[:, t] = tok
         t += 1
-        if step == max_new_tokens - 1 or (eos_ids is not None and not bool(unfinished.any())):
+        if step == max_new_tokens - 1 or (ending and not bool(unfinished.any())) or out_of_time(deadline):
             break
         logits = steps(model, tok[:, None], cache, pos)
         if pos is not None:
@@ -723,14 +767,19 @@ def generate_stream(
     exponential_decay_length_penalty: tuple[int, float] | None = None,
     renormalize_logits: bool = False,
     eos_token_id: int | Sequence[int] | None = None,
+    stop_strings: str | Sequence[str] | StopStrings | None = None,
+    tokenizer: Tokenizer | None = None,
     seed: int | None = None,
     compile: bool = False,
     static_cache: bool | None = None,
     max_length: int | None = None,
+    max_time: float | None = None,
 ) -> Iterator[int]:
     """Yield the new token ids of one prompt (a 1-D list or tensor of ids) one at a time, stopping
-    before an EOS id (which is not yielded). Same logits-processing, length (``max_new_tokens``,
-    ``max_length``), ``compile`` and ``static_cache`` keywords as ``generate``; the arguments are
+    before an EOS id (which is not yielded) or after the token that completes one of
+    ``stop_strings`` (which is). Same logits-processing, length (``max_new_tokens``,
+    ``max_length``, ``max_time``: counted from the first token asked for), ``compile`` and
+    ``static_cache`` keywords as ``generate``; the arguments are
     checked here, before the first token is asked for. Like ``generate``, the stream decodes with
     the model's CPU decode layout (``cpu_decode_layout``), from the first token until the stream is
     exhausted or closed, so the model's weights must not change in between (its KV cache would be
@@ -748,32 +797,41 @@ def generate_stream(
     eos = as_id_list(eos_token_id)
     processors, held = processing(model, eos, ids.shape[1], max_new_tokens, **settings)
     choose = make_chooser(processors, make_generator(seed, device), held=held, prompt_len=ids.shape[1])
+    stops = stop_strings_for(stop_strings, tokenizer, model.config.vocab_size, device)
     steps = Steps.for_device(device, compile=compile, static=static_cache)
-    return stream_loop(model, ids, max_new_tokens, choose, eos=set(eos), steps=steps)
+    check_max_time(max_time)  # the clock starts at the first token asked for
+    return stream_loop(model, ids, max_new_tokens, choose, eos=set(eos), steps=steps, stops=stops, max_time=max_time)
 
 
 @torch.inference_mode()  # on a generator: the mode is entered around each resume, not left on between yields
 def stream_loop(
     model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, choose, *, eos: set[int],
-    steps: Steps | None = None,
+    steps: Steps | None = None, stops: StopStrings | None = None, max_time: float | None = None,
 ) -> Iterator[int]:
     """The decode loop for one prompt (1, T), yielding each new token as a Python int. The CPU
     decode layout (and a static cache, if ``steps`` took one) stays on from the first token until
     the stream ends or is closed."""
     steps = steps or Steps()
+    deadline = deadline_after(max_time)
     with cpu_decode_layout(model, compiled=steps.compile), contextlib.closing(steps):
         T = ids.shape[1]
         cache = steps.setup_cache(model, 1, T + max_new_tokens)
         seq = ids.new_empty(1, T + max_new_tokens)
         seq[:, :T] = ids
         logits = prefill(model, ids, cache)  # (1, V)
+        stop_states = None if stops is None else stops.start(ids, None)
         for step in range(max_new_tokens):
             tok = choose(logits, seq[:, : T + step], None)  # (1,)
             token = int(tok)  # the one host sync streaming needs
             choose.check()
             if token in eos:
                 return
+            hit = None
+            if stops is not None:
+                stop_states, hit = stops.step(stop_states, tok)
             yield token
+            if (hit is not None and bool(hit)) or out_of_time(deadline):  # the stop token is yielded, as HF keeps it
+                return
             seq[:, T + step] = tok
             if step < max_new_tokens - 1:
                 logits = steps(model, tok[:, None], cache, None)

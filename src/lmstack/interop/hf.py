@@ -360,7 +360,7 @@ _UNSUPPORTED = {
     "encoder_no_repeat_ngram_size": 0, "force_words_ids": None, "forced_bos_token_id": None,
     "num_beam_groups": 1, "diversity_penalty": 0.0,
     "penalty_alpha": None, "guidance_scale": None, "encoder_repetition_penalty": 1.0,
-    "dola_layers": None, "max_time": None, "stop_strings": None, "constraints": None, "top_h": None,
+    "dola_layers": None, "constraints": None, "top_h": None,
     "watermarking_config": None, "token_healing": False,
 }
 
@@ -381,9 +381,10 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
     num_return_sequences (transformers' defaults 1.0, False, 1), sampled when do_sample is set (beam
     sampling, as transformers); either way its repetition_penalty, no_repeat_ngram_size,
     min_new_tokens, min_length, sequence_bias, bad_words_ids, suppress_tokens,
-    begin_suppress_tokens, forced_eos_token_id, exponential_decay_length_penalty and
-    renormalize_logits, and its max_new_tokens, else its max_length (prompt + new tokens). Stop
-    ids come from the tokenizer (``Tokenizer.stop_ids``); fields lmstack does not implement are
+    begin_suppress_tokens, forced_eos_token_id, exponential_decay_length_penalty,
+    renormalize_logits, stop_strings (which ``generate`` reads with the folder's tokenizer) and
+    max_time, and its max_new_tokens, else its max_length (prompt + new tokens). Stop ids come
+    from the tokenizer (``Tokenizer.stop_ids``); fields lmstack does not implement are
     listed by ``unsupported_generation_settings``."""
     file = Path(folder) / "generation_config.json"
     gc = read_json_object(file)
@@ -401,11 +402,22 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
     for key in ("max_new_tokens", "num_beams", "max_length", "no_repeat_ngram_size", "min_new_tokens", "min_length"):
         if _number(file, key, gc.get(key), (int,)) is not None:
             out[key] = gc[key]
+    if _number(file, "max_time", gc.get("max_time")) is not None:
+        out["max_time"] = gc["max_time"]
     if "max_new_tokens" in out:  # transformers: max_new_tokens takes precedence
         out.pop("max_length", None)
     out.update({k: gc[k] for k in _TOKEN_LISTS if gc.get(k) not in (None, [], {})})
     if gc.get("renormalize_logits"):
         out["renormalize_logits"] = True
+    stops = gc.get("stop_strings")
+    if stops is not None:
+        if isinstance(stops, str):
+            stops = [stops]
+        if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops):
+            raise ValueError(f"stop_strings in {file} must be a string or a list of non-empty strings, got {stops!r}; "
+                             f"fix or delete it")
+        if stops:
+            out["stop_strings"] = stops
     if out.get("num_beams", 1) > 1:
         for key, default in _BEAM_DEFAULTS.items():
             value = gc.get(key)
