@@ -6,6 +6,10 @@ lmstack makes the same draw from a generator seeded with ``seed``, so after
 ``generate(..., seed=s)`` does. The model is not sharpened (``scale=1``), so the beams really
 depend on the draws: a different seed gives different beams (checked), and a mistake in what is
 drawn from, how many tokens a filter keeps or how the drawn candidates are ordered changes them.
+The seeds compared are those whose beams lmstack draws alike when its logits are shaken by ±1e-5
+(``well_drawn_seeds``): a few seeds in 100 hold a near-tie that fp32 rounding decides, and
+transformers and lmstack round differently (here 2 runs in 9,000 differed before, the flaky
+failures of ``typical-never`` seen in CI).
 """
 
 import pytest
@@ -14,7 +18,8 @@ import torch
 from lmstack.generate import generate
 from lmstack.generate.beam import top_candidates
 
-from ..hf_models import hf_penalises_padding, needs_hf_sorting_beam_samples, no_special_tokens, ragged_batch, tiny_hf
+from ..hf_models import (hf_penalises_padding, needs_hf_sorting_beam_samples, no_special_tokens, ragged_batch, tiny_hf,
+                         well_drawn_seeds)
 
 pytest.importorskip("transformers")
 needs_sorting_hf = needs_hf_sorting_beam_samples()
@@ -43,14 +48,16 @@ def hf_beam_sample(h, ids, mask, n, seed, **kw):
     return out.sequences, out.sequences_scores
 
 
-def assert_matches_hf(h, m, ids, mask, n, seed, **kw):
+def assert_matches_hf(h, m, ids, mask, n, seed, count: int = 1, **kw):
+    """HF's and lmstack's beam sampling on ``count`` well-drawn seeds from ``seed`` on: the same
+    sequences and scores."""
     kw.setdefault("top_k", 0)  # off unless given (HF's default is 50, lmstack's none)
-    ref, ref_scores = hf_beam_sample(h, ids, mask, n, seed, **kw)
-    out = generate(m, ids, n, attention_mask=mask, seed=seed, **kw)
-    assert out.sequences.shape == ref.shape, (out.sequences.shape, ref.shape)
-    assert torch.equal(out.sequences, ref), (out.sequences[:, ids.shape[1]:], ref[:, ids.shape[1]:])
-    torch.testing.assert_close(out.scores, ref_scores, atol=1e-4, rtol=4e-7)
-    return out
+    for s in well_drawn_seeds(seed % 2**31, count, m, lambda s: generate(m, ids, n, attention_mask=mask, seed=s, **kw)):
+        ref, ref_scores = hf_beam_sample(h, ids, mask, n, s, **kw)
+        out = generate(m, ids, n, attention_mask=mask, seed=s, **kw)
+        assert out.sequences.shape == ref.shape, (s, out.sequences.shape, ref.shape)
+        assert torch.equal(out.sequences, ref), (s, out.sequences[:, ids.shape[1]:], ref[:, ids.shape[1]:])
+        torch.testing.assert_close(out.scores, ref_scores, atol=1e-4, rtol=4e-7)
 
 
 SETTINGS = {
@@ -75,8 +82,7 @@ def test_beam_sampling_matches_hf(llama, batch, seed, name):
     kw = {"eos_token_id": EOS, "pad_token_id": PAD, **SETTINGS[name]}
     if "repetition_penalty" in kw and hf_penalises_padding():  # compare on one unpadded prompt
         ids, mask = ragged_batch([9], seed=seed % 1000)
-    for s in (seed, seed + 1):
-        assert_matches_hf(h, m, ids, mask, 14, s % 2**31, **kw)
+    assert_matches_hf(h, m, ids, mask, 14, seed, count=2, **kw)
 
 
 def test_the_draws_matter(llama, batch, seed):
@@ -106,7 +112,7 @@ def test_beam_sampling_matches_hf_other_families(family, seed):
     h, m = tiny_hf(family, seed=1)  # mistral: sliding window 8 < prompt + new tokens
     no_special_tokens(h)
     ids, mask = ragged_batch([7, 4], seed=1)
-    assert_matches_hf(h, m, ids, mask, 12, seed % 2**31, num_beams=4, num_return_sequences=2, temperature=1.0,
+    assert_matches_hf(h, m, ids, mask, 12, seed, num_beams=4, num_return_sequences=2, temperature=1.0,
                       top_k=30, eos_token_id=EOS, pad_token_id=PAD)
 
 
@@ -129,7 +135,7 @@ def test_filters_that_keep_too_few_tokens(llama, batch, seed):
     kw = dict(num_beams=8, temperature=1.0, top_k=1)
     with pytest.raises(ValueError, match=r"found 2 hypotheses for prompt 0, fewer than num_return_sequences=8.*top_k=1"):
         generate(m, ids, 1, attention_mask=mask, seed=seed, num_return_sequences=8, **kw)
-    assert_matches_hf(h, m, ids, mask, 1, seed % 2**31, num_return_sequences=2, **kw)
+    assert_matches_hf(h, m, ids, mask, 1, seed, num_return_sequences=2, **kw)
 
 
 def test_no_distribution_to_draw_from():

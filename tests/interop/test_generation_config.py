@@ -17,7 +17,7 @@ import torch
 from lmstack.generate.sampling import process_logits
 from lmstack.interop import generation_settings
 
-from ..hf_models import load_hf, needs_hf_sorting_beam_samples, tiny_hf
+from ..hf_models import load_hf, needs_hf_sorting_beam_samples, tiny_hf, well_drawn_seeds
 
 transformers = pytest.importorskip("transformers")
 
@@ -225,10 +225,16 @@ def test_beam_sampling_from_the_file(tmp_path, capsys, seed):
     """do_sample with num_beams: transformers samples the beams (with its default top_k 50 here);
     so does `lmstack generate`, and with the same seed it prints the same hypotheses and scores."""
     beam_sample = {**BEAM_FILE, "do_sample": True, "temperature": 1.3, "top_p": 0.95}
+    from lmstack.generate import generate
+    from lmstack.interop import from_hf
+
     folder, tok = _cli_folder(tmp_path, beam_sample)
-    assert generation_settings(folder) == {**BEAM_FILE, "temperature": 1.3, "top_k": 50, "top_p": 0.95}
-    s = seed % 10_000
-    printed = {_assert_cli_prints_hf_beams(capsys, folder, tok, seed=s + k) for k in range(3)}
+    settings = generation_settings(folder)
+    assert settings == {**BEAM_FILE, "temperature": 1.3, "top_k": 50, "top_p": 0.95}
+    m, ids = from_hf(folder), tok.encode("the quick brown fox")
+    seeds = well_drawn_seeds(seed % 10_000, 3, m, lambda s: generate(m, [ids], eos_token_id=tok.stop_ids, seed=s,
+                                                                      **settings))
+    printed = {_assert_cli_prints_hf_beams(capsys, folder, tok, seed=s) for s in seeds}
     assert len(printed) > 1  # the seed matters: beams are drawn, not searched
 
 
