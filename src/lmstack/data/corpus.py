@@ -308,8 +308,11 @@ def load_dataset(name_or_path: str | os.PathLike, *,
 
 
 def _pip_error(s: str) -> str:
-    """pip's first "ERROR:" line (its last line may be a detail such as the digest it got)."""
+    """pip's first "ERROR:" line (its last line may be a detail such as the digest it got); when pip
+    itself crashed ("ERROR: Exception:" and a traceback), the exception the traceback ends with."""
     errors = [ln.strip() for ln in s.splitlines() if ln.startswith("ERROR:")]
+    if errors and errors[0] == "ERROR: Exception:":
+        return f"pip crashed: {_last_line(s)}"
     return errors[0] if errors else _last_line(s)
 
 
