@@ -347,13 +347,14 @@ def cmd_generate(args) -> int:
     # one text (a SentencePiece word keeps its space), never soft-prompt placeholders or the stop token
     head = [] if chat else [t for t in ids if t >= 0]
     beams = kw.get("num_beams", 1) > 1 or kw.get("num_return_sequences", 1) > 1
-    if args.no_stream or beams:  # beam search ranks whole hypotheses: printed at the end
+    if args.no_stream or beams:  # beam search ranks whole hypotheses (and samples come together): printed at the end
         out = generate(model, torch.tensor([ids], device=next(model.parameters()).device), compile=args.compile, **kw)
         for r, row in enumerate(out.sequences):
             new = row[len(ids):].tolist()
             end = next((i for i, t in enumerate(new) if t in tok.stop_ids), len(new))
-            if len(out.sequences) > 1:  # best first, with transformers' sequences_scores
-                print(f"--- {r + 1} of {len(out.sequences)} (score {out.scores[r].item():.4f})")
+            if len(out.sequences) > 1:  # beams best first, with transformers' sequences_scores; or samples
+                score = "" if out.scores is None else f" (score {out.scores[r].item():.4f})"
+                print(f"--- {r + 1} of {len(out.sequences)}{score}")
             print(tok.decode(head + new[:end]))
         return 0
     for key in BEAM_KEYS:
@@ -519,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="> 1: beam search, as HF generate(num_beams=N), printed when done: deterministic with "
                          "--temperature 0, else beam sampling (HF's do_sample=True) with the filters given")
     ge.add_argument("--num-return-sequences", type=int, default=None,
-                    help="beam search: print this many of the best hypotheses, best first, with their scores")
+                    help="beam search: print this many of the best hypotheses, best first, with their scores; "
+                         "sampling: this many samples of the reply")
     ge.add_argument("--length-penalty", type=float, default=None,
                     help="beam search: rank by sum log p / length ** this (HF's default 1.0)")
     ge.add_argument("--early-stopping", type=_early_stopping, default=None, metavar="{true,false,never}",

@@ -184,7 +184,8 @@ def assert_distribution(counts: torch.Tensor, probs: torch.Tensor, what: str) ->
     dict(temperature=0.5, top_k=50, top_p=0.98, min_p=0.02, typical_p=0.9),
 ])
 def test_sampled_distribution_matches_hf_ragged(settings):
-    """A ragged batch (prompts of 1, 6 and 11 tokens) repeated 4000 times: the first new token's
+    """A ragged batch (prompts of 1, 6 and 11 tokens), 4000 samples each (``num_return_sequences``,
+    as HF's ``generate(do_sample=True, num_return_sequences=4000)``): the first new token's
     frequencies follow HF's processed probabilities for each prompt, and so do the second's given
     the commonest first token (positions, padding and the penalty's mask in the decode step)."""
     h, m = tiny_hf("llama", scale=4.0, seed=3)
@@ -192,8 +193,8 @@ def test_sampled_distribution_matches_hf_ragged(settings):
     ids, mask = ragged_batch([1, 6, 11], seed=2, pad=PAD)
     B, T = ids.shape
     R = 4000
-    rows = torch.arange(B).repeat_interleave(R)
-    out = generate(m, ids[rows], 2, attention_mask=mask[rows], pad_token_id=PAD, seed=0, **settings).sequences
+    out = generate(m, ids, 2, attention_mask=mask, pad_token_id=PAD, seed=0, num_return_sequences=R,
+                   **settings).sequences
 
     def hf_probs(ids, mask):
         with torch.no_grad():

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decode import GenerateOutput, Steps, is_int, out_of_time, padded_positions, prefill
+from .decode import GenerateOutput, Steps, is_int, out_of_time, padded_positions, prefill_copies
 from .sampling import StepRules, is_greedy, process_logits, reads_text
 from .stops import StopStrings
 
@@ -189,11 +189,7 @@ def beam_search(
 
     steps = steps or Steps()
     positions = None if pad_mask is None else padded_positions(pad_mask)  # (B, T)
-    prompts = model.setup_cache(B, T)
-    logits = prefill(model, ids, prompts, positions, pad_mask)[rows]  # (B*N, V): one prefill per prompt
-    cache = steps.setup_cache(model, B * N, total)
-    cache.copy_rows(prompts, rows)  # each prompt's keys copied to its beams
-    del prompts
+    cache, logits = prefill_copies(model, ids, positions, pad_mask, N, steps, total)  # (B*N, V): one prefill per prompt
     pos = None if positions is None else positions[rows, -1:] + 1  # (B*N, 1), advanced in place
 
     seq = ids.new_full((B * N, total), pad_id)  # running beams; pad past the end (fills short hypotheses)

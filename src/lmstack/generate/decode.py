@@ -51,6 +51,23 @@ def prefill(
     return model(ids, positions=positions, cache=cache, pad_mask=pad_mask, logits_to_keep=1)[:, -1]
 
 
+def prefill_copies(
+    model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor | None, pad_mask: torch.Tensor | None,
+    copies: int, steps: Steps, total: int,
+):
+    """Prefill each prompt of ids (B, T) once and copy its keys to ``copies`` rows of a fresh
+    ``steps`` cache of ``total`` slots (beam search's beams; sampling's ``num_return_sequences``):
+    (cache of B * copies rows, their next-token logits (B * copies, V)); prompt b's rows are
+    ``b * copies ...``."""
+    B, T = ids.shape
+    rows = torch.arange(B, device=ids.device).repeat_interleave(copies)
+    prompts = model.setup_cache(B, T)
+    logits = prefill(model, ids, prompts, positions, pad_mask)[rows]
+    cache = steps.setup_cache(model, B * copies, total)
+    cache.copy_rows(prompts, rows)
+    return cache, logits
+
+
 def decode_step(
     model: torch.nn.Module, token: torch.Tensor, cache, positions: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -636,7 +653,8 @@ def generate(
         ``do_sample=True``) after the filters given; with ``seed=None`` it draws from torch's global
         generator, as HF does, so ``torch.manual_seed(s)`` before either gives the same beams.
     num_return_sequences: with beam search, how many of the best hypotheses per prompt to return
-        (1 .. num_beams), best first: prompt b's are rows ``b * num_return_sequences ...``.
+        (1 .. num_beams), best first; when sampling, how many independent samples per prompt (each
+        prompt prefilled once): either way prompt b's are rows ``b * num_return_sequences ...``.
     length_penalty: beam search ranks finished hypotheses by ``sum log p / L ** length_penalty``,
         L = generated tokens (EOS included, prompt not); > 0 favours longer ones, < 0 shorter ones.
     early_stopping: beam search stop rule, as HF: True = stop once ``num_beams`` hypotheses are
@@ -646,7 +664,7 @@ def generate(
     max_time: seconds; once a step ends past them (counted from the call), decoding stops with that
         step's tokens (HF's ``max_time``; beam search then finishes as at its last step).
     Returns ``GenerateOutput(sequences=(B, T + T_new))``, T_new <= max_new_tokens; beam search
-    returns ``(B * num_return_sequences, T + T_new)`` and the final beam ``scores``
+    returns ``(B * num_return_sequences, T + T_new)`` (sampling too) and the final beam ``scores``
     ``(B * num_return_sequences,)``, shorter hypotheses padded with ``pad_token_id``.
     """
     deadline = deadline_after(max_time)
@@ -657,6 +675,12 @@ def generate(
         raise ValueError(f"pad_token_id={pad_token_id!r} must be a token id (an integer) or None")
     if not is_int(num_beams) or num_beams < 1:
         raise ValueError(f"num_beams={num_beams!r} must be an integer >= 1")
+    if not is_int(num_return_sequences) or num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences={num_return_sequences!r} must be an integer >= 1")
+    if num_beams == 1 and num_return_sequences > 1 and is_greedy(temperature):
+        raise ValueError(f"num_return_sequences={num_return_sequences} with greedy decoding would return one sequence "
+                         f"{num_return_sequences} times: sample (temperature > 0), or search num_beams >= "
+                         f"{num_return_sequences} beams")
     pad_id = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else None)
     device = next(model.parameters()).device
     ids, pad_mask = prepare_inputs(input_ids, attention_mask, pad_id if pad_id is not None else 0, device)
@@ -665,7 +689,7 @@ def generate(
     processors, held = processing(model, eos, ids.shape[1], max_new_tokens, **settings)
     stops = stop_strings_for(stop_strings, tokenizer, model.config.vocab_size, device)
     steps = Steps.for_device(device, compile=compile, static=static_cache)
-    if num_beams > 1 or num_return_sequences != 1:
+    if num_beams > 1:
         from .beam import beam_search, check_beam_args  # imported here: beam builds on this module
 
         check_beam_args(num_beams, num_return_sequences, length_penalty, early_stopping)
@@ -680,7 +704,7 @@ def generate(
     choose = make_chooser(processors, make_generator(seed, device), held=held, prompt_len=ids.shape[1])
     with cpu_decode_layout(model, compiled=compile), contextlib.closing(steps), torch.inference_mode():
         seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0, steps=steps,
-                          stops=stops, deadline=deadline)
+                          stops=stops, deadline=deadline, copies=int(num_return_sequences))
     choose.check()
     return GenerateOutput(sequences=seq)
 
@@ -697,14 +721,24 @@ def decode_loop(
     steps: Steps | None = None,
     stops: StopStrings | None = None,
     deadline: float | None = None,
+    copies: int = 1,
 ) -> torch.Tensor:
-    """Prefill, then one decode step per new token; returns the sequences (B, T + T_new). A row
-    ends at an ``eos`` id or at the token completing one of ``stops``; all end at a step that
-    finishes past ``deadline`` (``deadline_after``)."""
+    """Prefill, then one decode step per new token; returns the sequences (B * copies, T + T_new),
+    ``copies`` rows per prompt (prefilled once, then decoded as rows of their own). A row ends at an
+    ``eos`` id or at the token completing one of ``stops``; all end at a step that finishes past
+    ``deadline`` (``deadline_after``)."""
     steps = steps or Steps()
-    B, T = ids.shape
+    T = ids.shape[1]
     total = T + max_new_tokens
-    cache = steps.setup_cache(model, B, total)
+    positions = None if pad_mask is None else padded_positions(pad_mask)  # (B, T)
+    if copies > 1:
+        cache, logits = prefill_copies(model, ids, positions, pad_mask, copies, steps, total)  # (B * copies, V)
+        ids, pad_mask, positions = (None if x is None else x.repeat_interleave(copies, dim=0)
+                                    for x in (ids, pad_mask, positions))
+    else:
+        cache = steps.setup_cache(model, ids.shape[0], total)
+        logits = prefill(model, ids, cache, positions, pad_mask)  # (B, V)
+    B = ids.shape[0]
     seq = ids.new_empty(B, total)  # (B, T + N): prompt then new tokens, written in place
     seq[:, :T] = ids
     # Repetition penalty must skip the prompt's padding: a (B, total) mask, True past the prompt.
@@ -712,8 +746,6 @@ def decode_loop(
     if pad_mask is not None:
         seq_mask = torch.ones(B, total, dtype=torch.bool, device=ids.device)
         seq_mask[:, :T] = pad_mask
-    positions = None if pad_mask is None else padded_positions(pad_mask)  # (B, T)
-    logits = prefill(model, ids, cache, positions, pad_mask)  # (B, V)
     pos = None if positions is None else positions[:, -1:] + 1  # (B, 1), advanced in place
 
     eos_ids = torch.tensor(eos, dtype=torch.long, device=ids.device) if eos else None
