@@ -8,16 +8,16 @@ import torch
 
 from lmstack.generate import generate
 
-from ..hf_models import ragged_batch, sharp_llama
+from ..hf_models import ragged_batch
 
 V = 128
 PAD = V - 1
 EOS = 94
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return sharp_llama()[1]
+@pytest.fixture
+def llama(sharp):
+    return sharp[1]
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -1,6 +1,6 @@
 """lmstack.generate: decoding with a preallocated KV cache, and the logits processors it samples with."""
 
-from .decode import GenerateOutput, decode_step, generate, generate_stream, prefill
+from .decode import GenerateOutput, decode_step, generate, generate_stream, prefill, transition_scores
 from .sampling import (
     apply_repetition_penalty,
     apply_temperature,
@@ -17,6 +17,7 @@ __all__ = [
     "GenerateOutput",
     "generate",
     "generate_stream",
+    "transition_scores",
     "prefill",
     "decode_step",
     "apply_repetition_penalty",

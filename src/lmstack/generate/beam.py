@@ -83,21 +83,25 @@ class Hypotheses:
     scores: torch.Tensor  # (B, N) float32, length-penalised
     seqs: torch.Tensor  # (B, N, T + max_new) int64, pad after each hypothesis
     lengths: torch.Tensor  # (B, N) int64, generated tokens (EOS included)
+    beams: torch.Tensor | None = None  # (B, N, max_new) int64: the running-beam row of each token, -1 past the end
 
     @classmethod
-    def empty(cls, B: int, N: int, total: int, pad_id: int, device: torch.device) -> Hypotheses:
+    def empty(cls, B: int, N: int, total: int, pad_id: int, device: torch.device, max_new: int = 0) -> Hypotheses:
+        """``max_new`` > 0: keep each hypothesis's beam indices too."""
         return cls(
             scores=torch.full((B, N), NEG_INF, dtype=torch.float32, device=device),
             seqs=torch.full((B, N, total), pad_id, dtype=torch.long, device=device),
             lengths=torch.zeros(B, N, dtype=torch.long, device=device),
+            beams=torch.full((B, N, max_new), -1, dtype=torch.long, device=device) if max_new else None,
         )
 
     def full(self) -> torch.Tensor:
         """(B,) True where every slot holds a hypothesis."""
         return torch.isfinite(self.scores).all(dim=1)
 
-    def add(self, scores: torch.Tensor, seqs: torch.Tensor, length: int) -> None:
-        """Offer hypotheses scores (B, M) (-inf = no offer) with seqs (B, M, total); keep the N best.
+    def add(self, scores: torch.Tensor, seqs: torch.Tensor, length: int, beams: torch.Tensor | None = None) -> None:
+        """Offer hypotheses scores (B, M) (-inf = no offer) with seqs (B, M, total) (and, if kept,
+        their beam indices (B, M, max_new)); keep the N best.
 
         Stored ones go first in the merge, the order HF concatenates them in."""
         B, N = self.scores.shape
@@ -106,6 +110,9 @@ class Hypotheses:
         self.scores = merged.gather(1, keep)
         seqs = torch.cat([self.seqs, seqs], dim=1)  # (B, N + M, total)
         self.seqs = seqs.gather(1, keep[..., None].expand(-1, -1, seqs.shape[-1]))
+        if self.beams is not None:
+            beams = torch.cat([self.beams, beams], dim=1)
+            self.beams = beams.gather(1, keep[..., None].expand(-1, -1, beams.shape[-1]))
         lengths = torch.cat([self.lengths, self.lengths.new_full(scores.shape, length)], dim=1)
         self.lengths = lengths.gather(1, keep)
 
@@ -166,13 +173,17 @@ def beam_search(
     steps: Steps | None = None,
     stops: StopStrings | None = None,
     deadline: float | None = None,
+    output_scores: bool = False,
+    output_logits: bool = False,
 ) -> GenerateOutput:
     """Beam search from prompts ids (B, T) (left-padded where ``pad_mask`` (B, T) is False), with
     ``process_logits``' ``processors`` (repetition penalty, n-gram ban, biases; none by default) on
     the log-probs and ``held``, the ``StepRules`` of each step; beam sampling when their ``temperature``
     is > 0, after the filters given, drawing from ``generator`` (None = torch's global one, as HF).
     A candidate that completes one of ``stops`` ends like one ending in EOS (HF's stopping criteria);
-    a step that finishes past ``deadline`` is the last (HF's ``max_time``).
+    a step that finishes past ``deadline`` is the last (HF's ``max_time``). ``output_scores`` /
+    ``output_logits``: also return each step's processed log-probs / raw logits of the B * N running
+    beams, and the hypotheses' ``beam_indices`` (HF's).
 
     Returns ``GenerateOutput(sequences=(B * R, T + T_new), scores=(B * R,))``, R =
     ``num_return_sequences``: the R best hypotheses of prompt b at rows ``b * R ...``, best first.
@@ -204,17 +215,24 @@ def beam_search(
     K = max(2, 1 + len(eos)) * N  # candidates per step; HF's filters keep K / N tokens per beam
     beam_scores = torch.zeros(B, N, dtype=torch.float32, device=dev)  # (B, N) summed log-probs of the running beams
     beam_scores[:, 1:] = DEAD_BEAM
-    store = Hypotheses.empty(B, N, total, pad_id, dev)
+    recording = output_scores or output_logits
+    step_scores, raw = [], []
+    store = Hypotheses.empty(B, N, total, pad_id, dev, max_new=max_new_tokens if recording else 0)
+    beam_idx = torch.full((B * N, max_new_tokens), -1, dtype=torch.long, device=dev) if recording else None
     open_ = torch.ones(B, dtype=torch.bool, device=dev)  # prompts whose store can still improve
 
     t = T
     for step in range(max_new_tokens):
         generated = step + 1
+        if output_logits:
+            raw.append(logits.to(torch.float32, copy=True))
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B*N, V)
         rules = held(step, dev) if held else {}  # EOS held back, begin tokens, forced EOS, EOS boost
         if uses_text or sample or rules or processors.get("renormalize_logits"):
             logp = process_logits(logp, seq[:, :t], input_mask=None if seq_mask is None else seq_mask[:, :t],
                                   min_tokens_to_keep=K // N, **rules, **processors)
+        if output_scores:
+            step_scores.append(logp.clone())
         cand, src, tok = top_candidates(logp, beam_scores, K, sample=sample, generator=generator)  # (B, K), best first
         ends = torch.isin(tok, eos_ids) if eos_ids is not None else torch.zeros_like(tok, dtype=torch.bool)
         if stops is not None:  # each candidate's states: its source beam's, after its token
@@ -230,7 +248,12 @@ def beam_search(
         fin_seqs = seq[(base + src[:, :N]).flatten()]  # (B*N, total)
         fin_seqs[:, t] = tok[:, :N].flatten()
         fin_scores = (cand[:, :N] / (generated**length_penalty)).masked_fill(~offered, NEG_INF)
-        store.add(fin_scores, fin_seqs.view(B, N, total), generated)
+        fin_beams = None
+        if recording:  # each candidate's beam indices: its source beam's, then the source row itself
+            fin_beams = beam_idx[(base + src[:, :N]).flatten()]
+            fin_beams[:, step] = (base + src[:, :N]).flatten()
+            fin_beams = fin_beams.view(B, N, -1)
+        store.add(fin_scores, fin_seqs.view(B, N, total), generated, fin_beams)
         if last:
             break
 
@@ -241,6 +264,9 @@ def beam_search(
         beam_scores = alive.gather(1, keep)
         beam_rows = (base + src.gather(1, keep)).flatten()  # (B*N,) cache row each new beam extends
         seq = seq[beam_rows]
+        if recording:
+            beam_idx = beam_idx[beam_rows]
+            beam_idx[:, step] = beam_rows
         if stops is not None:
             stop_states = cand_states.view(B, K, -1)[torch.arange(B, device=dev)[:, None], keep].flatten(0, 1)
         seq[:, t] = tok.gather(1, keep).flatten()
@@ -268,4 +294,7 @@ def beam_search(
                          f"for num_beams={N}; loosen them, or lower num_beams or num_return_sequences")
     new = int(store.lengths[:, :R].max())  # longest returned hypothesis
     sequences = store.seqs[:, :R, : T + new].reshape(B * R, T + new)
-    return GenerateOutput(sequences=sequences, scores=store.scores[:, :R].reshape(B * R))
+    return GenerateOutput(
+        sequences=sequences, scores=store.scores[:, :R].reshape(B * R),
+        step_scores=tuple(step_scores) if output_scores else None, logits=tuple(raw) if output_logits else None,
+        beam_indices=store.beams[:, :R, :new].reshape(B * R, new) if recording else None)

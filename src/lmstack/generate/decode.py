@@ -36,7 +36,14 @@ if TYPE_CHECKING:
 @dataclass
 class GenerateOutput:
     sequences: torch.Tensor  # (B * num_return, T_prompt + T_new) int64, prompt (padding included) first
-    scores: torch.Tensor | None = None  # beam search: final score of each returned sequence
+    scores: torch.Tensor | None = None  # beam search: final score of each returned sequence (HF's sequences_scores)
+    # output_scores: per new token, the processed scores it was chosen from, (rows, V) fp32 (HF's `scores`;
+    # rows = the batch, or beam search's B * num_beams running beams)
+    step_scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None  # output_logits: per new token, the raw logits (HF's `logits`)
+    # beam search with output_scores or output_logits: (B * num_return, T_new) the row of step_scores each
+    # token came from, -1 past a hypothesis's end (HF's beam_indices)
+    beam_indices: torch.Tensor | None = None
 
 
 # -- the two forward passes ------------------------------------------------------------------
@@ -539,7 +546,7 @@ def plain(processors: dict, held: StepRules | None = None) -> bool:
 
 
 def make_chooser(processors: dict, generator: torch.Generator | None, *, held: StepRules | None = None,
-                 prompt_len: int = 0):
+                 prompt_len: int = 0, record: list | None = None):
     """A function (logits (B, V), ids so far (B, t), mask (B, t) | None) -> next tokens (B,).
 
     ``processors``: ``process_logits``' keywords (temperature, the filters, repetition_penalty,
@@ -547,9 +554,10 @@ def make_chooser(processors: dict, generator: torch.Generator | None, *, held: S
     Plain greedy gets a bare argmax: the decode loop calls this every step. ``choose.check()``
     raises if sampling met a row with no distribution (NaN or inf logits), where HF's
     ``torch.multinomial`` raises: the draws record it on the device, so checking costs one sync.
+    ``record``: a list that gets each step's processed scores (B, V) fp32 (``output_scores``).
     """
     temperature = processors.get("temperature")
-    if plain(processors, held):
+    if plain(processors, held) and record is None:
         choose = lambda logits, ids, mask: logits.argmax(dim=-1)  # noqa: E731
         choose.check = lambda: None
         return choose
@@ -558,6 +566,8 @@ def make_chooser(processors: dict, generator: torch.Generator | None, *, held: S
     def choose(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         rules = held(ids.shape[1] - prompt_len, logits.device) if held else {}
         scores = process_logits(logits.float(), ids, input_mask=mask, **rules, **processors)
+        if record is not None:
+            record.append(scores.clone())  # (a buffer of the static cache's graph, or the logits themselves)
         if is_greedy(temperature):
             return scores.argmax(dim=-1)
         if not invalid:
@@ -613,6 +623,8 @@ def generate(
     static_cache: bool | None = None,
     max_length: int | None = None,
     max_time: float | None = None,
+    output_scores: bool = False,
+    output_logits: bool = False,
 ) -> GenerateOutput:
     """Continue each prompt by up to ``max_new_tokens`` tokens (default 64, or with ``max_length``,
     HF's cap on prompt + new tokens, that less the padded prompt length; ``max_new_tokens`` wins
@@ -663,6 +675,10 @@ def generate(
         ``length_penalty > 0``.
     max_time: seconds; once a step ends past them (counted from the call), decoding stops with that
         step's tokens (HF's ``max_time``; beam search then finishes as at its last step).
+    output_scores, output_logits: also return, per new token, the scores it was chosen from (after
+        the processors; beam search: the processed log-probs of each running beam) and the raw
+        logits, fp32, as HF's ``scores`` and ``logits``; beam search then returns ``beam_indices``
+        too. ``transition_scores(output)`` reads each chosen token's score out of them.
     Returns ``GenerateOutput(sequences=(B, T + T_new))``, T_new <= max_new_tokens; beam search
     returns ``(B * num_return_sequences, T + T_new)`` (sampling too) and the final beam ``scores``
     ``(B * num_return_sequences,)``, shorter hypotheses padded with ``pad_token_id``.
@@ -699,14 +715,39 @@ def generate(
                 num_return_sequences=int(num_return_sequences),
                 length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
                 processors=processors, held=held, generator=make_generator(seed, device), steps=steps, stops=stops,
-                deadline=deadline,
+                deadline=deadline, output_scores=output_scores, output_logits=output_logits,
             )
-    choose = make_chooser(processors, make_generator(seed, device), held=held, prompt_len=ids.shape[1])
+    step_scores, raw = ([] if output_scores else None), ([] if output_logits else None)
+    choose = make_chooser(processors, make_generator(seed, device), held=held, prompt_len=ids.shape[1],
+                          record=step_scores)
     with cpu_decode_layout(model, compiled=compile), contextlib.closing(steps), torch.inference_mode():
         seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0, steps=steps,
-                          stops=stops, deadline=deadline, copies=int(num_return_sequences))
+                          stops=stops, deadline=deadline, copies=int(num_return_sequences), raw=raw)
     choose.check()
-    return GenerateOutput(sequences=seq)
+    return GenerateOutput(sequences=seq, step_scores=None if step_scores is None else tuple(step_scores),
+                          logits=None if raw is None else tuple(raw))
+
+
+def transition_scores(out: GenerateOutput, *, normalize_logits: bool = False) -> torch.Tensor:
+    """Each new token's score in the scores it was chosen from, (rows, T_new) fp32, as HF's
+    ``compute_transition_scores``: read from ``out.step_scores`` (``generate(..., output_scores=True)``),
+    a beam-search token from the running beam ``out.beam_indices`` names, 0 past a hypothesis's end.
+    ``normalize_logits``: log-softmax each step's scores first (greedy and sampling record processed
+    logits, so this gives log-probs; beam search's are log-probs already)."""
+    if out.step_scores is None:
+        raise ValueError("transition_scores reads the scores of each step: pass output_scores=True to generate")
+    stacked = torch.stack(out.step_scores)  # (steps, rows, V)
+    if normalize_logits:
+        stacked = stacked.log_softmax(dim=-1)
+    if out.beam_indices is None:
+        steps = stacked.shape[0]
+        rows = torch.arange(out.sequences.shape[0], device=stacked.device)[:, None].expand(-1, steps)
+    else:
+        rows = out.beam_indices
+        steps = rows.shape[1]
+    tokens = out.sequences[:, out.sequences.shape[1] - steps :]
+    at = torch.arange(steps, device=stacked.device)[None, :].expand_as(tokens)
+    return stacked[at, rows.clamp(min=0), tokens].masked_fill(rows < 0, 0.0)
 
 
 def decode_loop(
@@ -722,11 +763,12 @@ def decode_loop(
     stops: StopStrings | None = None,
     deadline: float | None = None,
     copies: int = 1,
+    raw: list | None = None,
 ) -> torch.Tensor:
     """Prefill, then one decode step per new token; returns the sequences (B * copies, T + T_new),
     ``copies`` rows per prompt (prefilled once, then decoded as rows of their own). A row ends at an
     ``eos`` id or at the token completing one of ``stops``; all end at a step that finishes past
-    ``deadline`` (``deadline_after``)."""
+    ``deadline`` (``deadline_after``). ``raw``: a list that gets each step's logits, fp32."""
     steps = steps or Steps()
     T = ids.shape[1]
     total = T + max_new_tokens
@@ -754,6 +796,8 @@ def decode_loop(
     unfinished = torch.ones(B, dtype=torch.bool, device=ids.device) if ending else None
     t = T
     for step in range(max_new_tokens):
+        if raw is not None:
+            raw.append(logits.to(torch.float32, copy=True))
         tok = choose(logits, seq[:, :t], None if seq_mask is None else seq_mask[:, :t])  # (B,)
         if ending:
             # finished rows emit padding (HF) but go on feeding the model a token of its vocabulary:
