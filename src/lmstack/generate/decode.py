@@ -794,14 +794,15 @@ def decode_loop(
     stop_states = None if stops is None else stops.start(ids, pad_mask)  # (B, n_strings)
     ending = eos_ids is not None or stops is not None
     unfinished = torch.ones(B, dtype=torch.bool, device=ids.device) if ending else None
+    # finished rows emit padding (HF) and, when it is a token of the vocabulary, feed it to the model as HF
+    # does (their logits are then HF's too, for output_logits); else their own token
+    feeds_pad = ending and 0 <= pad_id < model.config.vocab_size
     t = T
     for step in range(max_new_tokens):
         if raw is not None:
             raw.append(logits.to(torch.float32, copy=True))
         tok = choose(logits, seq[:, :t], None if seq_mask is None else seq_mask[:, :t])  # (B,)
         if ending:
-            # finished rows emit padding (HF) but go on feeding the model a token of its vocabulary:
-            # pad_token_id need not be one, and their later logits are never used
             seq[:, t] = torch.where(unfinished, tok, pad_id)
             if eos_ids is not None:
                 unfinished &= ~torch.isin(seq[:, t], eos_ids)
@@ -813,7 +814,7 @@ def decode_loop(
         t += 1
         if step == max_new_tokens - 1 or (ending and not bool(unfinished.any())) or out_of_time(deadline):
             break
-        logits = steps(model, tok[:, None], cache, pos)
+        logits = steps(model, seq[:, t - 1 : t].contiguous() if feeds_pad else tok[:, None], cache, pos)
         if pos is not None:
             pos += 1
     return seq[:, :t]
