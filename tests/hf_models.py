@@ -128,7 +128,7 @@ def drawn_alike_under_noise(m, run, noise: float = LOGIT_NOISE, pairs: int = 2) 
     Sampled beams are a chaotic function of the logits: the order of two candidates a few fp32 ulps
     apart (beam scores summed to -20 .. -60), a filter's cut or a draw's boundary can be decided by
     rounding alone, and transformers and lmstack round differently (their fp32 logits are ~1e-6
-    apart). Such a seed tests nothing: measured on the tiny models here, 2 of 9,000 runs differed
+    apart). Such a seed tests nothing: measured on the tiny models here, 2 of 11,000 runs differed
     from transformers' at weight scale 1, and 1 in 90 with top-k at scale 3. ±z moves each such
     margin by ~noise, one way or the other, so a run that survives both is decided by the
     algorithm and must equal transformers' exactly: all 17 differing runs examined fail this check

@@ -8,7 +8,7 @@ depend on the draws: a different seed gives different beams (checked), and a mis
 drawn from, how many tokens a filter keeps or how the drawn candidates are ordered changes them.
 The seeds compared are those whose beams lmstack draws alike when its logits are shaken by ±1e-5
 (``well_drawn_seeds``): a few seeds in 100 hold a near-tie that fp32 rounding decides, and
-transformers and lmstack round differently (here 2 runs in 9,000 differed before, the flaky
+transformers and lmstack round differently (here 2 runs in 11,000 differed before, the flaky
 failures of ``typical-never`` seen in CI).
 """
 
