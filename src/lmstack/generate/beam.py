@@ -245,13 +245,14 @@ def beam_search(
         # Offer the top-N candidates that end to the store (decided on last step's state, as HF).
         accepting = (open_ & ~store.full()) if early_stopping is True else open_  # (B,)
         offered = ends[:, :N] & accepting[:, None]  # (B, N)
-        fin_seqs = seq[(base + src[:, :N]).flatten()]  # (B*N, total)
+        fin_rows = (base + src[:, :N]).flatten()  # (B*N,) the running beam each top-N candidate extends
+        fin_seqs = seq[fin_rows]  # (B*N, total)
         fin_seqs[:, t] = tok[:, :N].flatten()
         fin_scores = (cand[:, :N] / (generated**length_penalty)).masked_fill(~offered, NEG_INF)
         fin_beams = None
         if recording:  # each candidate's beam indices: its source beam's, then the source row itself
-            fin_beams = beam_idx[(base + src[:, :N]).flatten()]
-            fin_beams[:, step] = (base + src[:, :N]).flatten()
+            fin_beams = beam_idx[fin_rows]
+            fin_beams[:, step] = fin_rows
             fin_beams = fin_beams.view(B, N, -1)
         store.add(fin_scores, fin_seqs.view(B, N, total), generated, fin_beams)
         if last:
