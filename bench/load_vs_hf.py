@@ -64,8 +64,9 @@ def write_checkpoint(preset: str, dtype: torch.dtype, folder: Path) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def decode_rates(folder: Path, tokens: int, repeats: int) -> dict[str, float]:
-    """Greedy batch-1 tokens/s of lmstack with its own copy of the weights and with the file's mapped views."""
+def decode_rates(folder: Path, tokens: int, repeats: int) -> dict:
+    """Greedy batch-1 tokens/s of lmstack with its own copy of the weights and with the file's mapped
+    views, and whether both decoded the same tokens."""
     import lmstack
     from lmstack.interop.hf import _hf_name
     from lmstack.io import open_safetensors
@@ -77,15 +78,15 @@ def decode_rates(folder: Path, tokens: int, repeats: int) -> dict[str, float]:
     layouts = {"copied": {n: p.data for n, p in params.items()},
                "mapped": {n: where[_hf_name(n)].get_tensor(_hf_name(n)) for n in params}}
     prompt = [list(range(1, 33))]
-    best = {k: 0.0 for k in layouts}
+    best, outs = {k: 0.0 for k in layouts}, {}
     for _ in range(repeats + 1):  # the first round warms up
         for name, tensors in layouts.items():
             for n, t in tensors.items():
                 params[n].data = t
             t0 = time.perf_counter()
-            lmstack.generate(model, prompt, max_new_tokens=tokens)
+            outs[name] = lmstack.generate(model, prompt, max_new_tokens=tokens).sequences
             best[name] = max(best[name], tokens / (time.perf_counter() - t0))
-    return best
+    return {**best, "same_tokens": torch.equal(outs["copied"], outs["mapped"])}
 
 
 def main() -> int:

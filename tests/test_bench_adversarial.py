@@ -433,7 +433,7 @@ def _docs_section(text: str, name: str) -> str | None:
 
 
 RENDERED = sorted(p.stem for p in (BENCH / "results").glob("*.json")
-                  if p.stem.startswith(("decode_vs_hf", "cpu_vs_hf", "peft_methods")))
+                  if p.stem.startswith(("decode_vs_hf", "cpu_vs_hf", "peft_methods", "load_vs_hf")))
 
 
 @pytest.mark.parametrize("name", RENDERED)
@@ -549,3 +549,29 @@ def test_decode_same_tokens_cell_says_where_rows_part():
     assert mod.same_cell({"same_tokens": False, "first_difference": firsts}) == "False (2/3 rows part at new tokens 2-3)"
     assert mod.same_cell({"same_tokens": True, "first_difference": firsts}) == "True"
     assert mod.same_cell({"same_tokens": False}) == "False"  # results written before the field existed
+
+
+def test_load_bench_decodes_the_same_weights_both_ways(tmp_path, seed):
+    """load_vs_hf's copied-vs-mapped decode comparison times the same model: every mapped view
+    equals the loaded weight of that name, and both layouts decode the same tokens."""
+    mod = load_bench("load_vs_hf")
+    folder = tmp_path / "model"
+    mod.write_checkpoint("tiny", torch.float32, folder)
+    model = lmstack.from_hf(folder)
+    r = mod.decode_rates(folder, tokens=4, repeats=1)
+    assert r["same_tokens"] and r["copied"] > 0 and r["mapped"] > 0
+    from lmstack.interop.hf import _hf_name
+    from lmstack.io import open_safetensors
+    handles = [open_safetensors(f) for f in folder.glob("*.safetensors")]
+    for n, p in model.named_parameters():
+        h = next(h for h in handles if _hf_name(n) in h.keys())
+        assert torch.equal(h.get_tensor(_hf_name(n)), p.detach()), n
+
+
+def test_readme_load_figures_are_the_json():
+    r = json.loads((BENCH / "results" / "load_vs_hf.json").read_text())
+    readme = (ROOT / "README.md").read_text().replace("\n  ", " ")
+    d = r["decode_tok_s"]
+    for s in (f"checkpoint in {r['load']['lmstack']['load_s']:.2f} s", f"takes {r['load']['hf']['load_s']:.2f} s",
+              f"decodes {1 - d['mapped'] / d['copied']:.0%} slower"):
+        assert s in readme, s
