@@ -38,9 +38,12 @@ def memory_mb() -> tuple[int, int]:
 
 def child(which: str, folder: str) -> None:
     """One load in this fresh process; prints a JSON line."""
+    import importlib
+
     import lmstack
     from transformers import AutoModelForCausalLM
-    from transformers.models.llama import modeling_llama  # noqa: F401  (imported before the clock starts)
+
+    importlib.import_module("transformers.models.llama.modeling_llama")  # imported before the clock starts, as lmstack is
 
     t = time.perf_counter()
     model = lmstack.from_hf(folder) if which == "lmstack" else AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
