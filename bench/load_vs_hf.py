@@ -67,19 +67,25 @@ def write_checkpoint(preset: str, dtype: torch.dtype, folder: Path) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def weight_layouts(model, folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Each parameter's tensor as ``from_hf`` loaded it ("copied") and as the file's mapped view ("mapped")."""
+    from lmstack.interop.hf import _hf_name
+    from lmstack.io import open_safetensors
+
+    where = {k: h for h in map(open_safetensors, sorted(folder.glob("*.safetensors"))) for k in h.keys()}
+    params = dict(model.named_parameters())
+    return {"copied": {n: p.data for n, p in params.items()},
+            "mapped": {n: where[_hf_name(n)].get_tensor(_hf_name(n)) for n in params}}
+
+
 def decode_rates(folder: Path, tokens: int, repeats: int) -> dict:
     """Greedy batch-1 tokens/s of lmstack with its own copy of the weights and with the file's mapped
     views, and whether both decoded the same tokens."""
     import lmstack
-    from lmstack.interop.hf import _hf_name
-    from lmstack.io import open_safetensors
 
     model = lmstack.from_hf(folder)
     params = dict(model.named_parameters())
-    handles = {f: open_safetensors(f) for f in sorted(folder.glob("*.safetensors"))}
-    where = {k: h for h in handles.values() for k in h.keys()}
-    layouts = {"copied": {n: p.data for n, p in params.items()},
-               "mapped": {n: where[_hf_name(n)].get_tensor(_hf_name(n)) for n in params}}
+    layouts = weight_layouts(model, folder)
     prompt = [list(range(1, 33))]
     best, outs = {k: 0.0 for k in layouts}, {}
     for _ in range(repeats + 1):  # the first round warms up
