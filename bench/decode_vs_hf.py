@@ -10,6 +10,10 @@ step however many beams it keeps. Timings are the best of ``--repeats`` rounds a
 (compilation excluded), the libraries taking turns within each round. The script also reports
 whether both libraries produced the same tokens.
 
+``--guidance S`` times classifier-free guidance instead (HF's ``guidance_scale=S`` with a
+negative prompt of half ``--prompt-len`` random tokens, in both libraries): greedy batch 1 and
+batch 8, written to decode_vs_hf_guidance[...].json.
+
 CPU (default): the ``tiny`` preset in fp32. GPU: ``--device cuda --model llama-1.1b --dtype bf16``
 also runs transformers with its static cache (``cache_implementation="static"``), the setting its
 docs recommend for speed (generate then compiles the forward); there "lmstack+compile" is our
@@ -24,6 +28,7 @@ table in docs/benchmarks.md (``--redraw`` redoes every such table from its JSON)
 
     python bench/decode_vs_hf.py [--threads 2] [--new-tokens 200] [--repeats 5]
     python bench/decode_vs_hf.py --device cuda --model llama-1.1b --dtype bf16
+    python bench/decode_vs_hf.py --guidance 1.5 [--tag avx512]
 """
 
 from __future__ import annotations
@@ -101,6 +106,9 @@ def main() -> int:
     ap.add_argument("--weight-scale", type=float, default=3.0)
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     ap.add_argument("--tag", default="", help="suffix for the result's name (another host: _<tag>)")
+    ap.add_argument("--guidance", type=float, default=None, metavar="SCALE",
+                    help="time greedy batch 1 and 8 with classifier-free guidance at this scale (and a negative "
+                         "prompt) instead of the usual workloads")
     ap.add_argument("--redraw", action="store_true",
                     help="measure nothing: redo the docs tables of every bench/results/decode_vs_hf*.json")
     args = ap.parse_args()
@@ -126,15 +134,24 @@ def main() -> int:
     result_name = "decode_vs_hf" + ("" if cpu else f"_{device.type}")
     result_name += "" if args.dtype == ("fp32" if cpu else "bf16") else f"_{args.dtype}"
     result_name += "" if args.model == ("tiny" if cpu else "llama-1.1b") else f"_{args.model}"
+    result_name += "_guidance" if args.guidance is not None else ""
     result_name += f"_{args.tag}" if args.tag else ""
     variants = {"lmstack": {}, "lmstack+compile": {"compile": True}}
     results = {"meta": meta(), "model": args.model, "dtype": args.dtype, "prompt_len": args.prompt_len,
                "new_tokens": N, "repeats": args.repeats, "weight_scale": args.weight_scale, "threads": args.threads,
                "workloads": {}}
-    for wl, (B, beams) in {**WORKLOADS, **(CPU_WORKLOADS if cpu else {})}.items():
+    workloads = {**WORKLOADS, **(CPU_WORKLOADS if cpu else {})}
+    if args.guidance is not None:
+        results["guidance_scale"], results["negative_prompt_len"] = args.guidance, max(1, args.prompt_len // 2)
+        workloads = {f"greedy batch {B}, guidance {args.guidance:g}": (B, 1) for B in (1, 8)}
+    for wl, (B, beams) in workloads.items():
         ids = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g).to(device)
         sampled = wl in CPU_WORKLOADS
+        guided = {} if args.guidance is None else dict(  # both libraries take HF's keywords
+            guidance_scale=args.guidance,
+            negative_prompt_ids=torch.randint(0, cfg.vocab_size, (B, results["negative_prompt_len"]), generator=g).to(device))
         ours_kw = dict(SAMPLING, seed=SEED) if sampled else {}
+        ours_kw.update(guided)
         fns = {name: (lambda kw=kw: generate(ours, ids, N, num_beams=beams, **ours_kw, **kw).sequences)
                for name, kw in variants.items()}
         hf_runs = {"hf": {}}
@@ -147,7 +164,8 @@ def main() -> int:
                     torch.manual_seed(SEED)  # HF draws from the global generator; lmstack's seed=SEED is the same stream
                 return theirs.generate(
                     ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
-                    do_sample=sampled, num_beams=beams, early_stopping=False, **(SAMPLING if sampled else {}), **kw)
+                    do_sample=sampled, num_beams=beams, early_stopping=False, **(SAMPLING if sampled else {}), **guided,
+                    **kw)
             fns[name] = hf
         with torch.inference_mode():
             best, outs = timed(fns, args.repeats, device, optional=("hf static cache",))
@@ -201,7 +219,9 @@ def render(r: dict) -> str:
         f"commit {m['commit']}",
         f"model: `{r['model']}` preset, {r['dtype']}, {r['prompt_len']}-token prompts, {r['new_tokens']} new tokens; "
         "tokens/s = generated positions per prompt row per second"
-        + (f", best of {r['repeats']} rounds" if "repeats" in r else ""),
+        + (f", best of {r['repeats']} rounds" if "repeats" in r else "")
+        + (f"; guidance_scale {r['guidance_scale']:g} with a {r['negative_prompt_len']}-token negative prompt per row"
+           if "guidance_scale" in r else ""),
         "",
         "| workload | " + " | ".join(names) + " | lmstack / HF | lmstack+compile / HF | same tokens |",
         "|---|" + "---|" * (len(names) + 3),

@@ -295,7 +295,7 @@ def _decoding_settings(args, folder: Path) -> dict:
                  no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
                  max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                  num_return_sequences=args.num_return_sequences, length_penalty=args.length_penalty,
-                 early_stopping=args.early_stopping, max_time=args.max_time,
+                 early_stopping=args.early_stopping, max_time=args.max_time, guidance_scale=args.guidance_scale,
                  stop_strings=None if args.stop is None else [t.replace("\\n", "\n") for t in args.stop])
     given = {k: v for k, v in given.items() if v is not None}
     from_file = generation_settings(folder)
@@ -323,24 +323,34 @@ def cmd_generate(args) -> int:
     from .peft import soft_prompt_ids
 
     model, tok, folder = _load_for_generation(args)
-    prompt = args.prompt.replace("\\n", "\n")
     chat = tok.chat_template is not None and not args.raw
-    if chat:  # an instruct model: the prompt is the user's turn, rendered as transformers renders it
-        if args.bos:
-            raise ValueError("--bos applies to --raw prompts; the chat template writes its own BOS")
-        messages = [] if args.system is None else [{"role": "system", "content": args.system}]
-        ids = tok.apply_chat_template(messages + [{"role": "user", "content": prompt}], add_generation_prompt=True)
-    else:
-        if args.system is not None:
-            where = "--raw was given" if args.raw else "the tokenizer has no chat template"
-            raise ValueError(f"--system needs a chat template, and {where}; put the text in --prompt instead")
-        ids = tok.encode(prompt)
-        if tok.bos_id is not None and args.bos:
-            ids = [tok.bos_id] + ids
-    if not ids:
-        raise ValueError("the prompt is empty; pass some text with --prompt")
-    ids = ids + soft_prompt_ids(model)  # a soft prompt trained before the answer goes last (else nothing)
+    if chat and args.bos:
+        raise ValueError("--bos applies to --raw prompts; the chat template writes its own BOS")
+    if not chat and args.system is not None:
+        where = "--raw was given" if args.raw else "the tokenizer has no chat template"
+        raise ValueError(f"--system needs a chat template, and {where}; put the text in --prompt instead")
+
+    def encode(text: str, flag: str) -> list[int]:
+        """The ids of a prompt: with a chat template the user's turn, rendered as transformers renders it."""
+        text = text.replace("\\n", "\n")
+        if chat:  # an instruct model
+            messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+            ids = tok.apply_chat_template(messages + [{"role": "user", "content": text}], add_generation_prompt=True)
+        else:
+            ids = tok.encode(text)
+            if tok.bos_id is not None and args.bos:
+                ids = [tok.bos_id] + ids
+        if not ids:
+            raise ValueError(f"the {flag} is empty; pass some text with --{flag.replace(' ', '-')}")
+        return ids + soft_prompt_ids(model)  # a soft prompt trained before the answer goes last (else nothing)
+
+    ids = encode(args.prompt, "prompt")
     kw = dict(_decoding_settings(args, folder), eos_token_id=tok.stop_ids or None, seed=args.seed)
+    if args.negative_prompt is not None:
+        if kw.get("guidance_scale") in (None, 1):
+            raise ValueError("--negative-prompt is the unconditional context of guidance: pass --guidance-scale "
+                             "too (other than 1, e.g. 1.5)")
+        kw["negative_prompt_ids"] = encode(args.negative_prompt, "negative prompt")
     if "stop_strings" in kw:
         kw["tokenizer"] = tok
     # printed: the prompt and its continuation, or with a chat template the reply alone; decoded as
@@ -526,6 +536,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="beam search: rank by sum log p / length ** this (HF's default 1.0)")
     ge.add_argument("--early-stopping", type=_early_stopping, default=None, metavar="{true,false,never}",
                     help="beam search stop rule, as HF's early_stopping (default false)")
+    ge.add_argument("--guidance-scale", type=float, default=None,
+                    help="classifier-free guidance, as HF's guidance_scale: > 1 follows the prompt more closely "
+                         "(1.5 is typical), < 1 less; each step costs a second forward pass")
+    ge.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                    help="guidance's unconditional context (default: the prompt's last token), encoded as the "
+                         "prompt is (chat template, --system, --bos); with --guidance-scale > 1 the reply moves "
+                         "away from it")
     ge.add_argument("--seed", type=int, default=None)
     ge.add_argument("--dtype", default="auto",
                     help="float32, bfloat16 or float16 (default auto: the checkpoint's own; on a CPU without "

@@ -22,11 +22,6 @@ PAD = V - 1
 EOS = 94
 
 
-@pytest.fixture(scope="module")
-def batch():
-    return ragged_batch([5, 9, 3], seed=4)
-
-
 def for_penalty(batch, kw):
     """The batch, or with a repetition penalty under a transformers that penalises left padding
     too (5.17; 5.24 and lmstack do not) three unpadded prompts."""

@@ -314,16 +314,45 @@ def test_fields_lmstack_does_not_implement_are_named(tmp_path, capsys):
     """transformers would apply them; lmstack says on stderr that it decodes without them."""
     from lmstack.interop import unsupported_generation_settings
 
-    gen = {"guidance_scale": 1.5, "diversity_penalty": 0.5, "num_beam_groups": 1, "force_words_ids": None,
-           "renormalize_logits": False, "encoder_repetition_penalty": 1.0, "stop_strings": ["END"]}
+    gen = {"penalty_alpha": 0.6, "diversity_penalty": 0.5, "num_beam_groups": 1, "force_words_ids": None,
+           "renormalize_logits": False, "encoder_repetition_penalty": 1.0, "stop_strings": ["END"],
+           "guidance_scale": 1.5}
     folder, _ = _cli_folder(tmp_path, gen)
-    assert unsupported_generation_settings(folder) == {"guidance_scale": 1.5, "diversity_penalty": 0.5}
+    assert unsupported_generation_settings(folder) == {"diversity_penalty": 0.5, "penalty_alpha": 0.6}
     rc, out, err = _run_cli(capsys, folder, "--max-new-tokens", "3", "--no-stream")
     assert rc == 0 and out.startswith("the quick brown fox")
     assert len(err.splitlines()) == 1
-    assert "sets diversity_penalty=0.5, guidance_scale=1.5, which lmstack does not implement" in err
+    assert "sets diversity_penalty=0.5, penalty_alpha=0.6, which lmstack does not implement" in err
     (folder / "generation_config.json").unlink()
     assert unsupported_generation_settings(folder) == {}
+
+
+def test_guidance_from_the_file_the_flags_and_a_negative_prompt(tmp_path, capsys):
+    """A file's guidance_scale guides `lmstack generate` as it guides HF generate() (which reads the
+    same file); --guidance-scale overrides it, 1 turns it off, and --negative-prompt is encoded as
+    the prompt is and becomes the unconditional context (HF's negative_prompt_ids)."""
+    folder, tok = _cli_folder(tmp_path, {"guidance_scale": 3.0}, scale=3.0)
+    assert generation_settings(folder) == {"temperature": 0.0, "guidance_scale": 3.0}
+    ids = tok.encode("the quick brown fox")
+    negative = tok.encode("lazy dog")
+
+    def hf_text(**kw):
+        new = _hf_continuation(folder, ids, eos_token_id=tok.stop_ids, **kw)
+        return tok.decode(ids + new[: new.index(tok.eos_id) if tok.eos_id in new else len(new)]) + "\n"
+
+    texts = {}
+    for flags, kw in (((), {}), (("--guidance-scale", "1"), {"guidance_scale": 1.0}),
+                      (("--negative-prompt", "lazy dog"), {"negative_prompt_ids": torch.tensor([negative])}),
+                      (("--guidance-scale", "0.3", "--negative-prompt", "lazy dog", "--no-stream"),
+                       {"guidance_scale": 0.3, "negative_prompt_ids": torch.tensor([negative])})):
+        rc, out, _ = _run_cli(capsys, folder, "--max-new-tokens", "12", *flags)
+        assert rc == 0 and out == hf_text(**kw), flags
+        texts[flags] = out
+    assert len(set(texts.values())) == 4  # each changed the text
+    (folder / "generation_config.json").write_text(json.dumps({"guidance_scale": 1}))
+    assert generation_settings(folder) == {"temperature": 0.0}
+    rc, _, err = _run_cli(capsys, folder, "--negative-prompt", "lazy dog")
+    assert rc == 2 and "--negative-prompt is the unconditional context of guidance: pass --guidance-scale" in err
 
 
 def test_max_time_from_the_file_and_the_flag(tmp_path, capsys):

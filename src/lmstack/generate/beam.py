@@ -175,6 +175,7 @@ def beam_search(
     deadline: float | None = None,
     output_scores: bool = False,
     output_logits: bool = False,
+    guide=None,
 ) -> GenerateOutput:
     """Beam search from prompts ids (B, T) (left-padded where ``pad_mask`` (B, T) is False), with
     ``process_logits``' ``processors`` (repetition penalty, n-gram ban, biases; none by default) on
@@ -183,7 +184,8 @@ def beam_search(
     A candidate that completes one of ``stops`` ends like one ending in EOS (HF's stopping criteria);
     a step that finishes past ``deadline`` is the last (HF's ``max_time``). ``output_scores`` /
     ``output_logits``: also return each step's processed log-probs / raw logits of the B * N running
-    beams, and the hypotheses' ``beam_indices`` (HF's).
+    beams, and the hypotheses' ``beam_indices`` (HF's). ``guide``: classifier-free guidance
+    (``lmstack.generate.guidance.Guidance``, N rows per prompt), whose rows follow the beams.
 
     Returns ``GenerateOutput(sequences=(B * R, T + T_new), scores=(B * R,))``, R =
     ``num_return_sequences``: the R best hypotheses of prompt b at rows ``b * R ...``, best first.
@@ -226,7 +228,7 @@ def beam_search(
         generated = step + 1
         if output_logits:
             raw.append(logits.to(torch.float32, copy=True))
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (B*N, V)
+        logp = torch.log_softmax(logits.float(), dim=-1) if guide is None else guide(logits, seq[:, :t])  # (B*N, V)
         rules = held(step, dev) if held else {}  # EOS held back, begin tokens, forced EOS, EOS boost
         if uses_text or sample or rules or processors.get("renormalize_logits"):
             logp = process_logits(logp, seq[:, :t], input_mask=None if seq_mask is None else seq_mask[:, :t],
@@ -278,6 +280,8 @@ def beam_search(
         if all_full or not bool(open_.any()):  # the one host sync per step
             break
         cache.reorder(beam_rows)
+        if guide is not None:
+            guide.reorder(beam_rows)
         logits = steps(model, seq[:, t - 1 : t], cache, pos)  # (B*N, V)
         if pos is not None:
             pos += 1

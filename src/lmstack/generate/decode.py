@@ -32,6 +32,7 @@ from .stops import StopStrings, stop_strings_for
 if TYPE_CHECKING:
     from ..data.tokenizer import Tokenizer
     from ..model.cache import KVCache
+    from .guidance import Guidance
 
 @dataclass
 class GenerateOutput:
@@ -455,9 +456,10 @@ def out_of_time(deadline: float | None) -> bool:
 
 
 def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int | None,
-                 max_length: int | None = None) -> int:
+                 max_length: int | None = None, *, what: str = "prompt") -> int:
     """The number of new tokens to allow (checked against the model's context): ``max_new_tokens``,
-    else ``max_length`` less the (padded) prompt length, HF's total-length cap, else 64."""
+    else ``max_length`` less the (padded) prompt length, HF's total-length cap, else 64. ``what``
+    names the context in the error (guidance's "negative prompt")."""
     if max_new_tokens is None and max_length is not None:
         if not is_int(max_length):
             raise ValueError(f"max_length={max_length!r} must be an integer (the prompt's tokens and the new ones)")
@@ -477,8 +479,8 @@ def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int | 
         context = (f"of {limit} (max_seq_len={model.config.max_seq_len} less {virtual} virtual tokens)" if virtual
                    else f"max_seq_len={limit}")
         raise ValueError(
-            f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = {prompt_len + max_new_tokens} "
-            f"exceeds the model context {context}; shorten the prompt or lower max_new_tokens"
+            f"{what} of {prompt_len} tokens + max_new_tokens={max_new_tokens} = {prompt_len + max_new_tokens} "
+            f"exceeds the model context {context}; shorten the {what} or lower max_new_tokens"
         )
     return int(max_new_tokens)
 
@@ -546,7 +548,7 @@ def plain(processors: dict, held: StepRules | None = None) -> bool:
 
 
 def make_chooser(processors: dict, generator: torch.Generator | None, *, held: StepRules | None = None,
-                 prompt_len: int = 0, record: list | None = None):
+                 prompt_len: int = 0, record: list | None = None, guide: Guidance | None = None):
     """A function (logits (B, V), ids so far (B, t), mask (B, t) | None) -> next tokens (B,).
 
     ``processors``: ``process_logits``' keywords (temperature, the filters, repetition_penalty,
@@ -555,9 +557,10 @@ def make_chooser(processors: dict, generator: torch.Generator | None, *, held: S
     raises if sampling met a row with no distribution (NaN or inf logits), where HF's
     ``torch.multinomial`` raises: the draws record it on the device, so checking costs one sync.
     ``record``: a list that gets each step's processed scores (B, V) fp32 (``output_scores``).
+    ``guide``: classifier-free guidance (``lmstack.generate.guidance``), first of the processors, as HF.
     """
     temperature = processors.get("temperature")
-    if plain(processors, held) and record is None:
+    if plain(processors, held) and record is None and guide is None:
         choose = lambda logits, ids, mask: logits.argmax(dim=-1)  # noqa: E731
         choose.check = lambda: None
         return choose
@@ -565,7 +568,8 @@ def make_chooser(processors: dict, generator: torch.Generator | None, *, held: S
 
     def choose(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         rules = held(ids.shape[1] - prompt_len, logits.device) if held else {}
-        scores = process_logits(logits.float(), ids, input_mask=mask, **rules, **processors)
+        scores = logits.float() if guide is None else guide(logits, ids)
+        scores = process_logits(scores, ids, input_mask=mask, **rules, **processors)
         if record is not None:
             record.append(scores.clone())  # (a buffer of the static cache's graph, or the logits themselves)
         if is_greedy(temperature):
@@ -625,6 +629,9 @@ def generate(
     max_time: float | None = None,
     output_scores: bool = False,
     output_logits: bool = False,
+    guidance_scale: float | None = None,
+    negative_prompt_ids=None,
+    negative_prompt_attention_mask: torch.Tensor | None = None,
 ) -> GenerateOutput:
     """Continue each prompt by up to ``max_new_tokens`` tokens (default 64, or with ``max_length``,
     HF's cap on prompt + new tokens, that less the padded prompt length; ``max_new_tokens`` wins
@@ -679,6 +686,13 @@ def generate(
         the processors; beam search: the processed log-probs of each running beam) and the raw
         logits, fp32, as HF's ``scores`` and ``logits``; beam search then returns ``beam_indices``
         too. ``transition_scores(output)`` reads each chosen token's score out of them.
+    guidance_scale, negative_prompt_ids, negative_prompt_attention_mask: classifier-free guidance
+        (HF's keywords; ``lmstack.generate.guidance``): a scale other than 1 (or None) mixes each
+        step's log-probs with those given an unconditional context, ``log p_u + scale * (log p -
+        log p_u)``, before the other processors, in every mode. The context is the negative
+        prompt(s) (one per prompt, or one for all; a tensor with an optional mask, or ragged
+        lists), else each prompt's last token. It costs a second forward pass per step (compiled
+        with ``compile``, on the usual cache).
     Returns ``GenerateOutput(sequences=(B, T + T_new))``, T_new <= max_new_tokens; beam search
     returns ``(B * num_return_sequences, T + T_new)`` (sampling too) and the final beam ``scores``
     ``(B * num_return_sequences,)``, shorter hypotheses padded with ``pad_token_id``.
@@ -704,6 +718,11 @@ def generate(
     check_ids(model, ids, pad_mask)
     processors, held = processing(model, eos, ids.shape[1], max_new_tokens, **settings)
     stops = stop_strings_for(stop_strings, tokenizer, model.config.vocab_size, device)
+    from .guidance import guidance_for  # imported here: guidance builds on this module
+
+    guide = guidance_for(model, guidance_scale, negative_prompt_ids, negative_prompt_attention_mask,
+                         prompts=ids.shape[0], copies=int(max(num_beams, num_return_sequences)),
+                         max_new_tokens=max_new_tokens, pad_value=pad_id or 0, compile=compile)
     steps = Steps.for_device(device, compile=compile, static=static_cache)
     if num_beams > 1:
         from .beam import beam_search, check_beam_args  # imported here: beam builds on this module
@@ -715,11 +734,11 @@ def generate(
                 num_return_sequences=int(num_return_sequences),
                 length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
                 processors=processors, held=held, generator=make_generator(seed, device), steps=steps, stops=stops,
-                deadline=deadline, output_scores=output_scores, output_logits=output_logits,
+                deadline=deadline, output_scores=output_scores, output_logits=output_logits, guide=guide,
             )
     step_scores, raw = ([] if output_scores else None), ([] if output_logits else None)
     choose = make_chooser(processors, make_generator(seed, device), held=held, prompt_len=ids.shape[1],
-                          record=step_scores)
+                          record=step_scores, guide=guide)
     with cpu_decode_layout(model, compiled=compile), contextlib.closing(steps), torch.inference_mode():
         seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0, steps=steps,
                           stops=stops, deadline=deadline, copies=int(num_return_sequences), raw=raw)
@@ -851,12 +870,15 @@ def generate_stream(
     static_cache: bool | None = None,
     max_length: int | None = None,
     max_time: float | None = None,
+    guidance_scale: float | None = None,
+    negative_prompt_ids=None,
 ) -> Iterator[int]:
     """Yield the new token ids of one prompt (a 1-D list or tensor of ids) one at a time, stopping
     before an EOS id (which is not yielded) or after the token that completes one of
     ``stop_strings`` (which is). Same logits-processing, length (``max_new_tokens``,
-    ``max_length``, ``max_time``: counted from the first token asked for), ``compile`` and
-    ``static_cache`` keywords as ``generate``; the arguments are
+    ``max_length``, ``max_time``: counted from the first token asked for), ``compile``,
+    ``static_cache`` and guidance (``guidance_scale``, one negative prompt: a 1-D list or tensor)
+    keywords as ``generate``; the arguments are
     checked here, before the first token is asked for. Like ``generate``, the stream decodes with
     the model's CPU decode layout (``cpu_decode_layout``), from the first token until the stream is
     exhausted or closed, so the model's weights must not change in between (its KV cache would be
@@ -873,7 +895,19 @@ def generate_stream(
     check_ids(model, ids, None)
     eos = as_id_list(eos_token_id)
     processors, held = processing(model, eos, ids.shape[1], max_new_tokens, **settings)
-    choose = make_chooser(processors, make_generator(seed, device), held=held, prompt_len=ids.shape[1])
+    from .guidance import guidance_for  # imported here: guidance builds on this module
+
+    if negative_prompt_ids is not None:
+        try:
+            shape = tuple(torch.as_tensor(negative_prompt_ids).shape)
+        except (TypeError, ValueError, RuntimeError):
+            shape = None
+        if shape is None or len(shape) != 1:
+            raise ValueError(f"generate_stream takes one negative prompt, a 1-D list or tensor of ids; got "
+                             f"{shape or type(negative_prompt_ids).__name__}")
+    guide = guidance_for(model, guidance_scale, negative_prompt_ids, None, prompts=1, copies=1,
+                         max_new_tokens=max_new_tokens, pad_value=0, compile=compile)
+    choose = make_chooser(processors, make_generator(seed, device), held=held, prompt_len=ids.shape[1], guide=guide)
     stops = stop_strings_for(stop_strings, tokenizer, model.config.vocab_size, device)
     steps = Steps.for_device(device, compile=compile, static=static_cache)
     check_max_time(max_time)  # the clock starts at the first token asked for

@@ -359,7 +359,7 @@ _BEAM_DEFAULTS = {"length_penalty": 1.0, "early_stopping": False, "num_return_se
 _UNSUPPORTED = {
     "encoder_no_repeat_ngram_size": 0, "force_words_ids": None, "forced_bos_token_id": None,
     "num_beam_groups": 1, "diversity_penalty": 0.0,
-    "penalty_alpha": None, "guidance_scale": None, "encoder_repetition_penalty": 1.0,
+    "penalty_alpha": None, "encoder_repetition_penalty": 1.0,
     "dola_layers": None, "constraints": None, "top_h": None,
     "watermarking_config": None, "token_healing": False,
 }
@@ -382,8 +382,8 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
     sampling, as transformers); either way its repetition_penalty, no_repeat_ngram_size,
     min_new_tokens, min_length, sequence_bias, bad_words_ids, suppress_tokens,
     begin_suppress_tokens, forced_eos_token_id, exponential_decay_length_penalty,
-    renormalize_logits, stop_strings (which ``generate`` reads with the folder's tokenizer) and
-    max_time, and its max_new_tokens, else its max_length (prompt + new tokens). Stop ids come
+    renormalize_logits, stop_strings (which ``generate`` reads with the folder's tokenizer),
+    max_time and guidance_scale, and its max_new_tokens, else its max_length (prompt + new tokens). Stop ids come
     from the tokenizer (``Tokenizer.stop_ids``); fields lmstack does not implement are
     listed by ``unsupported_generation_settings``."""
     file = Path(folder) / "generation_config.json"
@@ -402,8 +402,11 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
     for key in ("max_new_tokens", "num_beams", "max_length", "no_repeat_ngram_size", "min_new_tokens", "min_length"):
         if _number(file, key, gc.get(key), (int,)) is not None:
             out[key] = gc[key]
-    if _number(file, "max_time", gc.get("max_time")) is not None:
-        out["max_time"] = gc["max_time"]
+    for key in ("max_time", "guidance_scale"):
+        if _number(file, key, gc.get(key)) is not None:
+            out[key] = gc[key]
+    if out.get("guidance_scale") == 1:  # transformers: 1 is no guidance
+        del out["guidance_scale"]
     if "max_new_tokens" in out:  # transformers: max_new_tokens takes precedence
         out.pop("max_length", None)
     out.update({k: gc[k] for k in _TOKEN_LISTS if gc.get(k) not in (None, [], {})})
@@ -433,7 +436,7 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
 
 def unsupported_generation_settings(folder: str | Path) -> dict[str, Any]:
     """The fields of a model folder's generation_config.json that change what transformers' generate()
-    returns but that lmstack.generate does not implement (``no_repeat_ngram_size``, ``bad_words_ids``,
-    ``min_new_tokens``, ...), with their values; {} when there are none or there is no file."""
+    returns but that lmstack.generate does not implement (``diversity_penalty``, ``penalty_alpha``,
+    ``force_words_ids``, ...), with their values; {} when there are none or there is no file."""
     gc = read_json_object(Path(folder) / "generation_config.json") or {}
     return {k: gc[k] for k, off in _UNSUPPORTED.items() if gc.get(k) not in (off, None, [], {})}
