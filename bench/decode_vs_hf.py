@@ -12,7 +12,8 @@ whether both libraries produced the same tokens.
 
 ``--guidance S`` times classifier-free guidance instead (HF's ``guidance_scale=S`` with a
 negative prompt of half ``--prompt-len`` random tokens, in both libraries): greedy batch 1 and
-batch 8, written to decode_vs_hf_guidance[...].json.
+batch 8 with it and, in the same run for its cost, without; written to
+decode_vs_hf_guidance[...].json.
 
 CPU (default): the ``tiny`` preset in fp32. GPU: ``--device cuda --model llama-1.1b --dtype bf16``
 also runs transformers with its static cache (``cache_implementation="static"``), the setting its
@@ -108,7 +109,7 @@ def main() -> int:
     ap.add_argument("--tag", default="", help="suffix for the result's name (another host: _<tag>)")
     ap.add_argument("--guidance", type=float, default=None, metavar="SCALE",
                     help="time greedy batch 1 and 8 with classifier-free guidance at this scale (and a negative "
-                         "prompt) instead of the usual workloads")
+                         "prompt), and without, instead of the usual workloads")
     ap.add_argument("--redraw", action="store_true",
                     help="measure nothing: redo the docs tables of every bench/results/decode_vs_hf*.json")
     args = ap.parse_args()
@@ -143,11 +144,14 @@ def main() -> int:
     workloads = {**WORKLOADS, **(CPU_WORKLOADS if cpu else {})}
     if args.guidance is not None:
         results["guidance_scale"], results["negative_prompt_len"] = args.guidance, max(1, args.prompt_len // 2)
-        workloads = {f"greedy batch {B}, guidance {args.guidance:g}": (B, 1) for B in (1, 8)}
+        workloads = {}
+        for B in (1, 8):
+            workloads[f"greedy batch {B}"] = (B, 1)
+            workloads[f"greedy batch {B}, guidance {args.guidance:g}"] = (B, 1)
     for wl, (B, beams) in workloads.items():
         ids = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g).to(device)
         sampled = wl in CPU_WORKLOADS
-        guided = {} if args.guidance is None else dict(  # both libraries take HF's keywords
+        guided = {} if "guidance" not in wl else dict(  # both libraries take HF's keywords
             guidance_scale=args.guidance,
             negative_prompt_ids=torch.randint(0, cfg.vocab_size, (B, results["negative_prompt_len"]), generator=g).to(device))
         ours_kw = dict(SAMPLING, seed=SEED) if sampled else {}
@@ -220,7 +224,8 @@ def render(r: dict) -> str:
         f"model: `{r['model']}` preset, {r['dtype']}, {r['prompt_len']}-token prompts, {r['new_tokens']} new tokens; "
         "tokens/s = generated positions per prompt row per second"
         + (f", best of {r['repeats']} rounds" if "repeats" in r else "")
-        + (f"; guidance_scale {r['guidance_scale']:g} with a {r['negative_prompt_len']}-token negative prompt per row"
+        + (f"; \"guidance\" rows: guidance_scale {r['guidance_scale']:g}, a {r['negative_prompt_len']}-token negative "
+           "prompt per row"
            if "guidance_scale" in r else ""),
         "",
         "| workload | " + " | ".join(names) + " | lmstack / HF | lmstack+compile / HF | same tokens |",
