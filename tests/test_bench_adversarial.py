@@ -248,7 +248,7 @@ def test_decode_timed_excludes_warmup_and_takes_turns(monkeypatch):
         mod.timed({"x": broken}, 1, torch.device("cpu"))  # ours is never optional
 
 
-def _decode_main(mod, sandbox, monkeypatch, short_by=0):
+def _decode_main(mod, sandbox, monkeypatch, short_by=0, extra=(), name="decode_vs_hf"):
     real = mod.generate
 
     def gen(model, ids, n, **kw):  # no compile here (a minute on the CPU): the eager path stands in
@@ -257,9 +257,9 @@ def _decode_main(mod, sandbox, monkeypatch, short_by=0):
 
     monkeypatch.setattr(mod, "generate", gen)
     monkeypatch.setattr(sys, "argv", ["decode_vs_hf.py", "--threads", "1", "--prompt-len", "6", "--new-tokens", "5",
-                                      "--repeats", "1", "--no-docs"])
+                                      "--repeats", "1", "--no-docs", *extra])
     rc = mod.main()
-    return rc, json.loads((sandbox / "bench" / "results" / "decode_vs_hf.json").read_text())
+    return rc, json.loads((sandbox / "bench" / "results" / f"{name}.json").read_text())
 
 
 def test_decode_vs_hf_plumbing_same_tokens(sandbox, monkeypatch):
@@ -271,6 +271,23 @@ def test_decode_vs_hf_plumbing_same_tokens(sandbox, monkeypatch):
             assert row["same_tokens"] is True, wl  # fp32: greedy, beam search, seeded beam sampling agree with HF
         assert all(row[k] > 0 for k in ("lmstack", "lmstack+compile", "hf"))
     assert r["meta"]["commit"] and r["new_tokens"] == 5 and r["prompt_len"] == 6
+
+
+def test_decode_vs_hf_guidance_times_both_libraries_guided_and_not(sandbox, monkeypatch):
+    """--guidance: greedy batch 1 and 8 with and without guidance, both libraries given the same
+    negative prompts (the guided tokens agree with HF's, and differ from the unguided ones)."""
+    mod = load_bench("decode_vs_hf")
+    seen = []
+    real = mod.generate
+    monkeypatch.setattr(mod, "generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    rc, r = _decode_main(mod, sandbox, monkeypatch, extra=("--guidance", "1.5"), name="decode_vs_hf_guidance")
+    assert rc == 0 and r["guidance_scale"] == 1.5 and r["negative_prompt_len"] == 3
+    assert list(r["workloads"]) == ["greedy batch 1", "greedy batch 1, guidance 1.5", "greedy batch 8",
+                                    "greedy batch 8, guidance 1.5"]
+    assert all(row["same_tokens"] is True for row in r["workloads"].values())
+    guided = [kw for kw in seen if "guidance_scale" in kw]
+    assert guided and all(kw["guidance_scale"] == 1.5 and kw["negative_prompt_ids"].shape[1] == 3 for kw in guided)
+    assert '"guidance" rows: guidance_scale 1.5, a 3-token negative prompt per row' in mod.render(r)
 
 
 def test_decode_vs_hf_counts_only_tokens_generated(sandbox, monkeypatch):
