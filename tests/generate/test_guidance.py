@@ -226,11 +226,39 @@ def test_bad_guidance_arguments_say_what_to_do(sharp, batch, negatives):
         generate_stream(m, [1, 2, 3], 4, guidance_scale=2.0, negative_prompt_ids=[[4, 5], [6]])
 
 
-def test_compiled_steps_guide_alike(sharp, batch, negatives):
-    """compile=True runs the unconditional branch's steps compiled too: the same tokens."""
+def test_compiled_steps_and_the_static_cache_guide_alike(sharp, batch, negatives):
+    """compile=True runs the unconditional branch's steps compiled too, and beside a static cache
+    it keeps a cache of its own: the same tokens either way, beam search included."""
     _, m = sharp
     ids, mask = batch
     neg, neg_mask = negatives
     kw = dict(attention_mask=mask, pad_token_id=PAD, guidance_scale=1.6, negative_prompt_ids=neg,
               negative_prompt_attention_mask=neg_mask)
-    assert torch.equal(generate(m, ids, 10, compile=True, **kw).sequences, generate(m, ids, 10, **kw).sequences)
+    want = generate(m, ids, 10, **kw).sequences
+    assert torch.equal(generate(m, ids, 10, compile=True, **kw).sequences, want)
+    assert torch.equal(generate(m, ids, 10, static_cache=True, **kw).sequences, want)
+    beams = generate(m, ids, 10, num_beams=2, **kw).sequences
+    assert torch.equal(generate(m, ids, 10, num_beams=2, static_cache=True, **kw).sequences, beams)
+
+
+def test_a_prefix_guides_both_branches(seed):
+    """A prefix tuned from text (``lmstack.peft``, "prefix") is the base model reading that text
+    first, in the unconditional branch too: HF guided on [text, prompt] with the negative prompt
+    [text, negative] gives the same tokens."""
+    import lmstack.peft as lp
+
+    from ..hf_models import no_special_tokens, tiny_hf
+
+    h, m = tiny_hf("llama", scale=3.0, seed=seed % 1000)
+    h = no_special_tokens(h)
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, PAD, (5,), generator=g)
+    lp.apply(m, "prefix", num_virtual_tokens=5, init_token_ids=text.tolist())
+    m.eval()
+    ids, neg = torch.randint(0, PAD, (2, 6), generator=g), torch.randint(0, PAD, (2, 3), generator=g)
+    with torch.no_grad():
+        ref = h.generate(torch.cat([text[None].expand(2, -1), ids], 1), max_new_tokens=10, do_sample=False,
+                         guidance_scale=1.7, negative_prompt_ids=torch.cat([text[None].expand(2, -1), neg], 1),
+                         pad_token_id=PAD)
+    out = generate(m, ids, 10, guidance_scale=1.7, negative_prompt_ids=neg, pad_token_id=PAD)
+    assert torch.equal(out.sequences[:, 6:], ref[:, 11:])
