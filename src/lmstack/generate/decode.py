@@ -687,12 +687,12 @@ def generate(
         logits, fp32, as HF's ``scores`` and ``logits``; beam search then returns ``beam_indices``
         too. ``transition_scores(output)`` reads each chosen token's score out of them.
     guidance_scale, negative_prompt_ids, negative_prompt_attention_mask: classifier-free guidance
-        (HF's keywords; ``lmstack.generate.guidance``): a scale other than 1 (or None) mixes each
-        step's log-probs with those given an unconditional context, ``log p_u + scale * (log p -
-        log p_u)``, before the other processors, in every mode. The context is the negative
-        prompt(s) (one per prompt, or one for all; a tensor with an optional mask, or ragged
-        lists), else each prompt's last token. It costs a second forward pass per step (compiled
-        with ``compile``, on the usual cache).
+        (HF's keywords; ``lmstack.generate.guidance``): a scale other than 1 (1 or None: off)
+        mixes each step's log-probs with those given an unconditional context, ``log p_u + scale
+        * (log p - log p_u)``, before the other processors, in every mode. The context is the
+        negative prompt(s) (one per prompt, or one for all; a tensor with an optional mask, or
+        ragged lists), else each prompt's last token. It costs a second forward pass per step
+        (compiled with ``compile``, on the usual cache).
     Returns ``GenerateOutput(sequences=(B, T + T_new))``, T_new <= max_new_tokens; beam search
     returns ``(B * num_return_sequences, T + T_new)`` (sampling too) and the final beam ``scores``
     ``(B * num_return_sequences,)``, shorter hypotheses padded with ``pad_token_id``.
@@ -721,7 +721,7 @@ def generate(
     from .guidance import guidance_for  # imported here: guidance builds on this module
 
     guide = guidance_for(model, guidance_scale, negative_prompt_ids, negative_prompt_attention_mask,
-                         prompts=ids.shape[0], copies=int(max(num_beams, num_return_sequences)),
+                         prompts=ids.shape[0], copies=int(num_beams if num_beams > 1 else num_return_sequences),
                          max_new_tokens=max_new_tokens, pad_value=pad_id or 0, compile=compile)
     steps = Steps.for_device(device, compile=compile, static=static_cache)
     if num_beams > 1:

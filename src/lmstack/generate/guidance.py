@@ -11,9 +11,10 @@ context does; ``scale < 1`` toward the unconditional context (so a negative prom
 positive one); ``scale = 1`` is plain decoding. The unconditional context is
 ``negative_prompt_ids`` when given, else each prompt's last token alone (HF's default). Every
 token chosen (or the padding of a finished row) is fed to both contexts, and under beam search
-the unconditional rows follow their beams (HF's do not: its second cache keeps the rows of the
-first step, so its beams are guided by other beams' texts). The mixed scores then pass through
-the other processors: HF applies this one first.
+the unconditional rows follow their beams. HF's are never reordered: its row i is guided by what
+was fed to row i step after step, whatever beam the row holds now, and with a negative prompt its
+beam search fails on a shape mismatch (transformers 5.25). The mixed scores then pass through the
+other processors: HF applies this one first.
 
 The cost is a second forward pass per step, on the unconditional rows (compiled with
 ``compile=True``, on the usual cache: not CUDA graphs).

@@ -383,8 +383,8 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
     min_new_tokens, min_length, sequence_bias, bad_words_ids, suppress_tokens,
     begin_suppress_tokens, forced_eos_token_id, exponential_decay_length_penalty,
     renormalize_logits, stop_strings (which ``generate`` reads with the folder's tokenizer),
-    max_time and guidance_scale, and its max_new_tokens, else its max_length (prompt + new tokens). Stop ids come
-    from the tokenizer (``Tokenizer.stop_ids``); fields lmstack does not implement are
+    max_time and guidance_scale (unless 1), and its max_new_tokens, else its max_length (prompt +
+    new tokens). Stop ids come from the tokenizer (``Tokenizer.stop_ids``); fields lmstack does not implement are
     listed by ``unsupported_generation_settings``."""
     file = Path(folder) / "generation_config.json"
     gc = read_json_object(file)
