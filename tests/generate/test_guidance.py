@@ -5,9 +5,9 @@ Greedy decoding and its recorded scores are checked against HF ``generate(guidan
 itself, on ragged batches, with and without negative prompts (padded ones too), with the other
 processors after it and with rows that end early. Beam search is checked against HF's beam
 search guided by a reference processor that recomputes the unconditional logits from each beam's
-whole text: HF's own guidance does not follow the beams (its second cache keeps the rows of the
-first step, and a negative prompt fails on a shape mismatch), and the inputs here are ones where
-following them changes the result. Sampling draws differ from HF's by design, so its recorded
+whole text: HF's own guidance does not follow the beams (row i is guided by what was fed to row
+i, whatever beam it holds; with a negative prompt it fails on a shape mismatch), and the inputs
+here are ones where following them changes the result. Sampling draws differ from HF's by design, so its recorded
 scores are checked against HF's processors (guidance included) applied to lmstack's own text.
 """
 
