@@ -15,6 +15,11 @@ negative prompt of half ``--prompt-len`` random tokens, in both libraries): gree
 batch 8 with it and, in the same run for its cost, without; written to
 decode_vs_hf_guidance[...].json.
 
+``--return-sequences K`` times sampling (temperature 1, top-k 50) of 1 and of K samples per
+prompt (HF's ``num_return_sequences``: it repeats the prompt K times before its prefill, lmstack
+prefills it once and copies its cache rows), at batch 1; tokens/s counts every sample's tokens.
+Written to decode_vs_hf_samples[...].json. Use a long ``--prompt-len``: the prefill is what differs.
+
 CPU (default): the ``tiny`` preset in fp32. GPU: ``--device cuda --model llama-1.1b --dtype bf16``
 also runs transformers with its static cache (``cache_implementation="static"``), the setting its
 docs recommend for speed (generate then compiles the forward); there "lmstack+compile" is our
@@ -30,6 +35,7 @@ table in docs/benchmarks.md (``--redraw`` redoes every such table from its JSON)
     python bench/decode_vs_hf.py [--threads 2] [--new-tokens 200] [--repeats 5]
     python bench/decode_vs_hf.py --device cuda --model llama-1.1b --dtype bf16
     python bench/decode_vs_hf.py --guidance 1.5 [--tag avx512]
+    python bench/decode_vs_hf.py --return-sequences 8 --prompt-len 192 --new-tokens 32 [--tag avx512]
 """
 
 from __future__ import annotations
@@ -110,6 +116,9 @@ def main() -> int:
     ap.add_argument("--guidance", type=float, default=None, metavar="SCALE",
                     help="time greedy batch 1 and 8 with classifier-free guidance at this scale (and a negative "
                          "prompt), and without, instead of the usual workloads")
+    ap.add_argument("--return-sequences", type=int, default=None, metavar="K",
+                    help="time sampling 1 and K samples per prompt (num_return_sequences) instead of the usual "
+                         "workloads")
     ap.add_argument("--redraw", action="store_true",
                     help="measure nothing: redo the docs tables of every bench/results/decode_vs_hf*.json")
     args = ap.parse_args()
@@ -135,7 +144,12 @@ def main() -> int:
     result_name = "decode_vs_hf" + ("" if cpu else f"_{device.type}")
     result_name += "" if args.dtype == ("fp32" if cpu else "bf16") else f"_{args.dtype}"
     result_name += "" if args.model == ("tiny" if cpu else "llama-1.1b") else f"_{args.model}"
+    if args.guidance is not None and args.return_sequences is not None:
+        raise SystemExit("pass --guidance or --return-sequences, not both")
+    if args.return_sequences is not None and args.return_sequences < 2:
+        raise SystemExit(f"--return-sequences {args.return_sequences}: pass K >= 2 (it is timed against 1)")
     result_name += "_guidance" if args.guidance is not None else ""
+    result_name += "_samples" if args.return_sequences is not None else ""
     result_name += f"_{args.tag}" if args.tag else ""
     variants = {"lmstack": {}, "lmstack+compile": {"compile": True}}
     results = {"meta": meta(), "model": args.model, "dtype": args.dtype, "prompt_len": args.prompt_len,
@@ -148,14 +162,22 @@ def main() -> int:
         for B in (1, 8):
             workloads[f"greedy batch {B}"] = (B, 1)
             workloads[f"greedy batch {B}, guidance {args.guidance:g}"] = (B, 1)
+    samples = {}  # workload: samples per prompt (num_return_sequences)
+    if args.return_sequences is not None:
+        results["return_sequences"] = args.return_sequences
+        samples = {"sampling, 1 sample": 1, f"sampling, {args.return_sequences} samples": args.return_sequences}
+        workloads = dict.fromkeys(samples, (1, 1))
     for wl, (B, beams) in workloads.items():
         ids = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g).to(device)
-        sampled = wl in CPU_WORKLOADS
-        guided = {} if "guidance" not in wl else dict(  # both libraries take HF's keywords
+        sampled = wl in CPU_WORKLOADS or wl in samples
+        K = samples.get(wl, 1)
+        shared = {} if "guidance" not in wl else dict(  # keywords of HF's that both libraries take
             guidance_scale=args.guidance,
             negative_prompt_ids=torch.randint(0, cfg.vocab_size, (B, results["negative_prompt_len"]), generator=g).to(device))
         ours_kw = dict(SAMPLING, seed=SEED) if sampled else {}
-        ours_kw.update(guided)
+        if K > 1:
+            shared["num_return_sequences"] = K
+        ours_kw.update(shared)
         fns = {name: (lambda kw=kw: generate(ours, ids, N, num_beams=beams, **ours_kw, **kw).sequences)
                for name, kw in variants.items()}
         hf_runs = {"hf": {}}
@@ -168,16 +190,16 @@ def main() -> int:
                     torch.manual_seed(SEED)  # HF draws from the global generator; lmstack's seed=SEED is the same stream
                 return theirs.generate(
                     ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
-                    do_sample=sampled, num_beams=beams, early_stopping=False, **(SAMPLING if sampled else {}), **guided,
+                    do_sample=sampled, num_beams=beams, early_stopping=False, **(SAMPLING if sampled else {}), **shared,
                     **kw)
             fns[name] = hf
         with torch.inference_mode():
             best, outs = timed(fns, args.repeats, device, optional=("hf static cache",))
-        for name, out in outs.items():  # tokens/s credits B x N tokens: each side must have made them all
-            if tuple(out.shape) != (B, args.prompt_len + N):
-                raise SystemExit(f"{wl}: {name} returned {tuple(out.shape)} tokens, not ({B}, {args.prompt_len} + {N}); "
-                                 f"its tokens/s would count tokens it did not generate")
-        row: dict = {name: B * N / best[name] if name in best else None for name in [*variants, *hf_runs]}
+        for name, out in outs.items():  # tokens/s credits B x K x N tokens: each side must have made them all
+            if tuple(out.shape) != (B * K, args.prompt_len + N):
+                raise SystemExit(f"{wl}: {name} returned {tuple(out.shape)} tokens, not ({B * K}, {args.prompt_len} + "
+                                 f"{N}); its tokens/s would count tokens it did not generate")
+        row: dict = {name: B * K * N / best[name] if name in best else None for name in [*variants, *hf_runs]}
         print(f"{wl}: " + ", ".join(f"{name} {rate(v)} tok/s" for name, v in row.items() if v is not None), flush=True)
         row["same_tokens"] = all(torch.equal(o, outs["hf"]) for o in outs.values())
         # per row of each lmstack variant: the first new token that differs from HF's (None: none does)
@@ -226,7 +248,8 @@ def render(r: dict) -> str:
         + (f", best of {r['repeats']} rounds" if "repeats" in r else "")
         + (f"; \"guidance\" rows: guidance_scale {r['guidance_scale']:g}, a {r['negative_prompt_len']}-token negative "
            "prompt per row"
-           if "guidance_scale" in r else ""),
+           if "guidance_scale" in r else "")
+        + ("; every sample's tokens counted" if "return_sequences" in r else ""),
         "",
         "| workload | " + " | ".join(names) + " | lmstack / HF | lmstack+compile / HF | same tokens |",
         "|---|" + "---|" * (len(names) + 3),
