@@ -290,6 +290,25 @@ def test_decode_vs_hf_guidance_times_both_libraries_guided_and_not(sandbox, monk
     assert '"guidance" rows: guidance_scale 1.5, a 3-token negative prompt per row' in mod.render(r)
 
 
+def test_decode_vs_hf_return_sequences_counts_every_sample(sandbox, monkeypatch):
+    """--return-sequences K: sampling 1 and K samples of one prompt in both libraries; every
+    sample's tokens are credited, and both must have made all of them."""
+    mod = load_bench("decode_vs_hf")
+    seen = []
+    real = mod.generate
+    monkeypatch.setattr(mod, "generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    rc, r = _decode_main(mod, sandbox, monkeypatch, extra=("--return-sequences", "3"), name="decode_vs_hf_samples")
+    assert rc == 0 and r["return_sequences"] == 3
+    assert list(r["workloads"]) == ["sampling, 1 sample", "sampling, 3 samples"]
+    assert {kw.get("num_return_sequences", 1) for kw in seen} == {1, 3}
+    assert all(kw["temperature"] == 1.0 and kw["top_k"] == 50 for kw in seen)
+    assert "every sample's tokens counted" in mod.render(r)
+    for bad in (("--return-sequences", "1"), ("--return-sequences", "2", "--guidance", "1.5")):
+        monkeypatch.setattr(sys, "argv", ["decode_vs_hf.py", *bad])
+        with pytest.raises(SystemExit, match="--return-sequences"):
+            mod.main()
+
+
 def test_decode_vs_hf_counts_only_tokens_generated(sandbox, monkeypatch):
     """tokens/s is B x --new-tokens / time for every contender. A side that stops early (an EOS, a
     length rule) must not be credited with tokens it did not generate: the bench must check each
