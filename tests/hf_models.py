@@ -165,6 +165,21 @@ def well_drawn_seeds(first: int, count: int, m, run, tries: int = 12) -> list[in
                          f"{LOGIT_NOISE} leaves alone")
 
 
+def hf_has_top_h() -> bool:
+    """Whether this transformers has the top-H sampling filter (``top_h``; 5.x)."""
+    from transformers.generation import logits_process
+
+    return hasattr(logits_process, "TopHLogitsWarper")
+
+
+def needs_hf_top_h():
+    """A skip mark for top-H parity tests under a transformers without it."""
+    import pytest
+
+    return pytest.mark.skipif(not hf_has_top_h(), reason="this transformers has no top_h (TopHLogitsWarper): "
+                              "no reference")
+
+
 def hf_penalises_padding() -> bool:
     """Whether this transformers' ``generate`` counts left-padding tokens in ``repetition_penalty``
     (5.17 did; 5.24 leaves them out through the attention mask, as lmstack does). Parity tests of

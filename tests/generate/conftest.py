@@ -1,12 +1,20 @@
 import pytest
 
-from ..hf_models import ragged_batch, sharp_llama
+from ..hf_models import no_special_tokens, ragged_batch, sharp_llama, tiny_hf
 
 
 @pytest.fixture(scope="session")
 def sharp():
     """``sharp_llama()``'s (HF, lmstack) pair, built once for the tests that only read it."""
     return sharp_llama()
+
+
+@pytest.fixture(scope="session")
+def unsharp():
+    """A (HF, lmstack) llama pair at weight scale 1, so sampled text depends on the draws; HF's
+    special-token ids unset (no EOS or padding of its own). Built once, for tests that only read it."""
+    h, m = tiny_hf("llama", seed=0)
+    return no_special_tokens(h), m
 
 
 @pytest.fixture(scope="module")

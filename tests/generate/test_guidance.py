@@ -7,9 +7,9 @@ processors after it and with rows that end early. Beam search is checked against
 search guided by a reference processor that recomputes the unconditional logits from each beam's
 whole text: HF's own guidance does not follow the beams (row i is guided by what was fed to row
 i, whatever beam it holds; with a negative prompt it fails on a shape mismatch), and the inputs
-here are ones where following them changes the result. Sampling draws from lmstack's own seeded
-generator, so its recorded scores are checked against HF's processors (guidance included)
-applied to lmstack's own text.
+here are ones where following them changes the result. Sampling's recorded scores are checked
+against HF's processors (guidance included) applied to lmstack's own text; test_sample_parity.py
+checks guided sampling token for token against HF seeded alike.
 """
 
 import pytest

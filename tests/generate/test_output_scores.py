@@ -3,9 +3,10 @@ output_logits=True, return_dict_in_generate=True)`` and ``compute_transition_sco
 
 Greedy and beam search run on a sharpened model (no near-ties), with processors that change the
 scores (repetition penalty, min_new_tokens, a length penalty), ragged batches and EOS (a finished
-row feeds the model its padding, as HF's, so its later scores are HF's too); sampling draws from
-lmstack's own seeded generator, not HF's stream, so its recorded scores are checked against HF's
-processors applied to lmstack's own logits and prefix: what was recorded is what was drawn from.
+row feeds the model its padding, as HF's, so its later scores are HF's too). Sampling's recorded
+scores are checked against HF's processors applied to lmstack's own logits and prefix, for any
+seed: what was recorded is what was drawn from (test_sample_parity.py checks that HF, seeded
+alike, draws the same tokens with the same scores).
 """
 
 import pytest

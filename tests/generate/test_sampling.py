@@ -9,6 +9,7 @@ from lmstack.generate import (
     min_p_filter,
     process_logits,
     sample,
+    top_h_filter,
     top_k_filter,
     top_p_filter,
     typical_filter,
@@ -18,7 +19,9 @@ tf = pytest.importorskip("transformers")
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.generation import logits_process as lp  # noqa: E402
 
-from ..hf_models import hf_penalises_padding  # noqa: E402
+from ..hf_models import hf_penalises_padding, needs_hf_top_h  # noqa: E402
+
+needs_top_h = needs_hf_top_h()
 
 B, V, T = 6, 50, 12
 
@@ -59,6 +62,25 @@ def test_filters_match_hf(ties):
             same(typical_filter(logits, mass, keep), hf)
     for temp in (0.3, 1.7):
         same(apply_temperature(logits, temp), lp.TemperatureLogitsWarper(temp)(ids, logits.clone()))
+
+
+@needs_top_h
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("vocab", [V, 300])  # 300: more tokens than top-H's 100 candidates
+def test_top_h_matches_hf(ties, vocab):
+    logits = torch.randn(B, vocab) * torch.tensor([0.3, 1.0, 2.0, 4.0, 8.0, 1.0])[:, None]  # flat to peaked
+    if ties:
+        logits = logits.round()
+    logits[0, :5] = float("-inf")  # already filtered
+    logits[5, 3:] = float("-inf")  # three finite logits: -inf among the candidates
+    ids = torch.randint(0, vocab, (B, T))
+    for h in (0.05, 0.3, 0.6, 0.9, 1.0):
+        hf = lp.TopHLogitsWarper(h)(ids, logits.clone())
+        ours = top_h_filter(logits, h)
+        same(ours, hf)
+        kept = torch.isfinite(ours).sum(-1)
+        assert kept.min() >= 1 and kept.max() <= 100
+    assert (torch.isfinite(top_h_filter(logits, 0.3)).sum(-1) <= torch.isfinite(top_h_filter(logits, 0.9)).sum(-1)).all()
 
 
 def test_processors_are_pure():
@@ -103,6 +125,8 @@ def hf_processors(ids: torch.Tensor, mask: torch.Tensor, **settings) -> lp.Logit
         dict(do_sample=True, temperature=1.5, top_k=0, top_p=1.0, min_p=0.05, typical_p=0.9),
         dict(do_sample=True, temperature=0.9, top_k=20, top_p=0.6, min_p=0.1, typical_p=0.95, repetition_penalty=0.8),
         dict(do_sample=False, repetition_penalty=1.4),
+        pytest.param(dict(do_sample=True, temperature=0.8, top_h=0.5, top_k=20, min_p=0.02), marks=needs_top_h),
+        pytest.param(dict(do_sample=False, top_h=0.2), marks=needs_top_h),  # greedy: top-H does not apply
     ],
 )
 @pytest.mark.parametrize("ties", [False, True])

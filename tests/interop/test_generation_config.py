@@ -17,7 +17,7 @@ import torch
 from lmstack.generate.sampling import process_logits
 from lmstack.interop import generation_settings
 
-from ..hf_models import load_hf, needs_hf_sorting_beam_samples, tiny_hf, well_drawn_seeds
+from ..hf_models import hf_has_top_h, load_hf, needs_hf_sorting_beam_samples, tiny_hf, well_drawn_seeds
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,6 +31,7 @@ CONFIGS = {
     "typical": {"do_sample": True, "typical_p": 0.9, "top_k": 100},
     "epsilon": {"do_sample": True, "epsilon_cutoff": 0.02, "top_k": 0},
     "eta": {"do_sample": True, "eta_cutoff": 0.005, "temperature": 0.8, "top_p": 0.95},
+    "top-h": {"do_sample": True, "top_h": 0.4, "top_k": 0, "temperature": 1.2},
 }
 
 
@@ -43,6 +44,8 @@ def _folder(tmp_path, gen: dict, vocab: int = 96, scale: float = 1.0):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_settings_process_logits_as_hf_generate_does(tmp_path, seed, name):
+    if "top_h" in CONFIGS[name] and not hf_has_top_h():
+        pytest.skip("this transformers has no top_h: no reference")
     folder = _folder(tmp_path, CONFIGS[name])
     settings = generation_settings(folder)
     assert settings["temperature"] == (0.0 if not CONFIGS[name].get("do_sample") else CONFIGS[name].get("temperature", 1.0))
@@ -316,7 +319,7 @@ def test_fields_lmstack_does_not_implement_are_named(tmp_path, capsys):
 
     gen = {"penalty_alpha": 0.6, "diversity_penalty": 0.5, "num_beam_groups": 1, "force_words_ids": None,
            "renormalize_logits": False, "encoder_repetition_penalty": 1.0, "stop_strings": ["END"],
-           "guidance_scale": 1.5}
+           "guidance_scale": 1.5, "top_h": 0.5}
     folder, _ = _cli_folder(tmp_path, gen)
     assert unsupported_generation_settings(folder) == {"diversity_penalty": 0.5, "penalty_alpha": 0.6}
     rc, out, err = _run_cli(capsys, folder, "--max-new-tokens", "3", "--no-stream")
@@ -385,3 +388,27 @@ def test_stop_strings_are_read(tmp_path):
         (tmp_path / "generation_config.json").write_text(json.dumps({"stop_strings": bad}))
         with pytest.raises(ValueError, match="stop_strings in .* must be a string or a list of non-empty strings"):
             generation_settings(tmp_path)
+
+
+def test_cli_samples_with_the_files_top_h_or_the_flags(tmp_path, capsys, seed):
+    """A file's top_h (sampling) is applied as HF generate() applies it, and --top-h overrides it:
+    with --seed s the printed text is what HF samples from that folder after manual_seed(s)."""
+    if not hf_has_top_h():
+        pytest.skip("this transformers has no top_h: no reference")
+    from lmstack import from_hf
+    from lmstack.generate import generate
+
+    folder, tok = _cli_folder(tmp_path, {"do_sample": True, "top_h": 0.4, "top_k": 0, "max_new_tokens": 12})
+    settings = generation_settings(folder)
+    assert settings["top_h"] == 0.4 and settings["temperature"] == 1.0
+    m, ids = from_hf(folder), tok.encode("the quick brown fox")
+    for flags, kw in (((), {}), (("--top-h", "0.95"), {"top_h": 0.95})):
+        s, = well_drawn_seeds(seed % 10_000, 1, m, lambda s: generate(m, [ids], eos_token_id=tok.stop_ids, seed=s,
+                                                                       **{**settings, **kw}))
+        torch.manual_seed(s)
+        with torch.no_grad():
+            new = load_hf(folder).generate(torch.tensor([ids]), pad_token_id=0, eos_token_id=tok.stop_ids,
+                                           **kw)[0, len(ids):].tolist()
+        new = new[: min((new.index(e) for e in tok.stop_ids if e in new), default=len(new))]
+        rc, out, err = _run_cli(capsys, folder, "--seed", str(s), "--no-stream", *flags)
+        assert rc == 0 and out == tok.decode(ids + new) + "\n", (flags, s)

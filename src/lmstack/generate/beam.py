@@ -52,7 +52,8 @@ from .decode import GenerateOutput, Steps, is_int, out_of_time, padded_positions
 from .sampling import StepRules, is_greedy, process_logits, reads_text
 from .stops import StopStrings
 
-FILTERS = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")  # named when they keep too few
+# the filters named when they keep too few tokens
+FILTERS = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
 
 NEG_INF = float("-inf")
 DEAD_BEAM = -1e9  # HF's start score for beams 1..N-1: they exist but lose every first-step comparison

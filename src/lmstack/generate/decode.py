@@ -487,7 +487,7 @@ def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int | 
 
 # generate's and generate_stream's keywords that process the logits (HF's logits processors)
 PROCESSING_KEYS = (
-    "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+    "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "repetition_penalty",
     "no_repeat_ngram_size", "min_new_tokens", "min_length", "sequence_bias", "bad_words_ids", "suppress_tokens",
     "begin_suppress_tokens", "forced_eos_token_id", "exponential_decay_length_penalty", "renormalize_logits",
 )
@@ -601,6 +601,7 @@ def generate(
     typical_p: float | None = None,
     epsilon_cutoff: float | None = None,
     eta_cutoff: float | None = None,
+    top_h: float | None = None,
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
     min_new_tokens: int | None = None,
@@ -649,6 +650,7 @@ def generate(
         its padding not), in every mode, as HF's.
     min_new_tokens, min_length: hold the EOS ids back until this many tokens are new (or, HF's
         ``min_length``, until the padded prompt and the new tokens are this long).
+    top_h: when sampling, HF's top-H filter (``sampling.top_h_filter``, 0 < top_h <= 1; None = off).
     epsilon_cutoff, eta_cutoff, sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens,
     forced_eos_token_id, exponential_decay_length_penalty, renormalize_logits: HF's processors of
         those names (``lmstack.generate.sampling``), with HF's semantics and order, in every mode.
@@ -851,6 +853,7 @@ def generate_stream(
     typical_p: float | None = None,
     epsilon_cutoff: float | None = None,
     eta_cutoff: float | None = None,
+    top_h: float | None = None,
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
     min_new_tokens: int | None = None,

@@ -3,7 +3,7 @@ al. 2019), the n-gram ban (Paulus et al. 2017), step rules (EOS held back for a 
 tokens banned at the first step, a forced last token, an EOS boost that grows with length), then for
 sampling temperature, top-k (Fan et al. 2018), nucleus / top-p (Holtzman et al. 2019), min-p (Nguyen
 et al. 2024), locally typical (Meister et al. 2022), epsilon and eta sampling (Hewitt et al. 2022),
-and a draw by the exponential race.
+top-H (arXiv 2509.02510, 2025), and a draw by the exponential race.
 
 Each processor is a pure function on float logits (B, V) that returns new logits with the removed
 tokens at -inf. ``process_logits`` chains them in the order HF ``generate`` does, with HF's tie and
@@ -236,6 +236,27 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits / temperature
 
 
+TOP_H_CANDIDATES = 100  # top-H looks at this many of the most likely tokens (HF's cap)
+
+
+def top_h_filter(logits: torch.Tensor, h: float) -> torch.Tensor:
+    """Top-H ("Top-H Decoding", arXiv 2509.02510; HF's ``top_h``): renormalize the
+    ``TOP_H_CANDIDATES`` most likely tokens to q, then keep them most likely first for as long as
+    their entropy terms ``-q log q`` add up to at most ``h`` times q's entropy (0 < h <= 1); the
+    most likely token always stays. A flat distribution keeps many tokens, a peaked one few. As HF,
+    ``min_tokens_to_keep`` does not apply, and a token whose q underflows to 0 ends the run.
+    """
+    top, order = torch.topk(logits, min(TOP_H_CANDIDATES, logits.shape[-1]), dim=-1)  # descending, (B, n)
+    log_q = top - top.logsumexp(dim=-1, keepdim=True)
+    q = log_q.softmax(dim=-1)
+    entropy = -(log_q.clamp(min=torch.finfo(log_q.dtype).min) * q).sum(dim=-1, keepdim=True)  # (B, 1)
+    # q = 0 gives 0 * -inf = nan: the comparison fails from there on, as HF's
+    keep = torch.cumsum(-q * q.log(), dim=-1) <= h * entropy
+    keep[:, 0] = True
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, keep)
+    return logits.masked_fill(~kept, NEG_INF)
+
+
 def top_k_filter(logits: torch.Tensor, k: int, min_tokens_to_keep: int = 1) -> torch.Tensor:
     """Keep the ``k`` largest logits per row; tokens tied with the k-th are kept too."""
     k = min(max(k, min_tokens_to_keep), logits.shape[-1])
@@ -315,6 +336,7 @@ def process_logits(
     typical_p: float | None = None,
     epsilon_cutoff: float | None = None,
     eta_cutoff: float | None = None,
+    top_h: float | None = None,
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
     bias: SequenceBias | None = None,
@@ -352,16 +374,18 @@ def process_logits(
         logits = boost(logits, *eos_boost)
     if not is_greedy(temperature):
         logits = warp(logits, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff,
-                      min_tokens_to_keep)
+                      min_tokens_to_keep, top_h)
     return torch.log_softmax(logits, dim=-1) if renormalize_logits else logits
 
 
 def warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
          typical_p: float | None, epsilon_cutoff: float | None, eta_cutoff: float | None,
-         min_tokens_to_keep: int) -> torch.Tensor:
+         min_tokens_to_keep: int, top_h: float | None = None) -> torch.Tensor:
     """The sampling processors (HF's former "warpers"), in HF's order."""
     if temperature != 1.0:
         logits = apply_temperature(logits, temperature)
+    if top_h is not None:
+        logits = top_h_filter(logits, top_h)
     if top_k is not None and top_k != 0:
         logits = top_k_filter(logits, top_k, min_tokens_to_keep)
     if top_p is not None and top_p < 1.0:
@@ -408,6 +432,7 @@ def check_sampling_args(
     min_length: int | None = None,
     epsilon_cutoff: float | None = None,
     eta_cutoff: float | None = None,
+    top_h: float | None = None,
     **rest,
 ) -> None:
     """Raise a one-line ValueError for a setting HF would reject too (``rest``: the biases, banned and
@@ -433,6 +458,8 @@ def check_sampling_args(
         raise ValueError(f"top_p={top_p} must be in [0, 1] (None or 1 = off)")
     if min_p is not None and not 0 <= min_p <= 1:
         raise ValueError(f"min_p={min_p} must be in [0, 1] (None = off)")
+    if top_h is not None and (not isinstance(top_h, numbers.Real) or isinstance(top_h, bool) or not 0 < top_h <= 1):
+        raise ValueError(f"top_h={top_h!r} must be a number in (0, 1] (None = off; smaller keeps fewer tokens)")
     if typical_p is not None and not 0 < typical_p <= 1:
         raise ValueError(f"typical_p={typical_p} must be in (0, 1] (None or 1 = off)")
     if repetition_penalty is not None and not repetition_penalty > 0:

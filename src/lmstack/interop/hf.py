@@ -348,7 +348,7 @@ def special_token_ids(tok: Tokenizer | None) -> dict[str, Any]:
 
 # transformers' generate() defaults for what generation_config.json leaves unset, when it samples
 _SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": None, "min_p": None, "typical_p": None,
-                      "epsilon_cutoff": None, "eta_cutoff": None}
+                      "epsilon_cutoff": None, "eta_cutoff": None, "top_h": None}
 # token-list fields that apply in every mode (generate checks their shape)
 _TOKEN_LISTS = ("sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_eos_token_id",
                 "exponential_decay_length_penalty")
@@ -360,7 +360,7 @@ _UNSUPPORTED = {
     "encoder_no_repeat_ngram_size": 0, "force_words_ids": None, "forced_bos_token_id": None,
     "num_beam_groups": 1, "diversity_penalty": 0.0,
     "penalty_alpha": None, "encoder_repetition_penalty": 1.0,
-    "dola_layers": None, "constraints": None, "top_h": None,
+    "dola_layers": None, "constraints": None,
     "watermarking_config": None, "token_healing": False,
 }
 
@@ -376,7 +376,7 @@ def generation_settings(folder: str | Path) -> dict[str, Any]:
     """The decoding settings of a model folder's generation_config.json, as transformers' generate()
     applies them, in lmstack.generate's keywords: {} without the file; greedy ({"temperature": 0.0})
     unless it sets do_sample; when sampling, its temperature, top_k, top_p, min_p, typical_p,
-    epsilon_cutoff and eta_cutoff, with transformers' defaults (temperature 1, top_k 50) for the
+    epsilon_cutoff, eta_cutoff and top_h, with transformers' defaults (temperature 1, top_k 50) for the
     unset ones; with num_beams > 1, beam search with its length_penalty, early_stopping and
     num_return_sequences (transformers' defaults 1.0, False, 1), sampled when do_sample is set (beam
     sampling, as transformers); either way its repetition_penalty, no_repeat_ngram_size,
