@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decode import GenerateOutput, Steps, is_int, out_of_time, padded_positions, prefill_copies
+from .decode import GenerateOutput, Steps, is_int, out_of_time, padded_positions
 from .sampling import StepRules, is_greedy, process_logits, reads_text
 from .stops import StopStrings
 
@@ -203,7 +203,7 @@ def beam_search(
 
     steps = steps or Steps()
     positions = None if pad_mask is None else padded_positions(pad_mask)  # (B, T)
-    cache, logits = prefill_copies(model, ids, positions, pad_mask, N, steps, total)  # (B*N, V): one prefill per prompt
+    cache, logits = steps.start(model, ids, positions, pad_mask, total, N)  # (B*N, V): one prefill per prompt
     pos = None if positions is None else positions[rows, -1:] + 1  # (B*N, 1), advanced in place
 
     seq = ids.new_full((B * N, total), pad_id)  # running beams; pad past the end (fills short hypotheses)
@@ -229,7 +229,7 @@ def beam_search(
         generated = step + 1
         if output_logits:
             raw.append(logits.to(torch.float32, copy=True))
-        logp = torch.log_softmax(logits.float(), dim=-1) if guide is None else guide(logits, seq[:, :t])  # (B*N, V)
+        logp = torch.log_softmax(logits.float(), dim=-1) if guide is None else guide.scores(logits, seq[:, :t])  # (B*N, V)
         rules = held(step, dev) if held else {}  # EOS held back, begin tokens, forced EOS, EOS boost
         if uses_text or sample or rules or processors.get("renormalize_logits"):
             logp = process_logits(logp, seq[:, :t], input_mask=None if seq_mask is None else seq_mask[:, :t],
@@ -280,9 +280,7 @@ def beam_search(
         all_full = early_stopping is True and bool(store.full().all())
         if all_full or not bool(open_.any()):  # the one host sync per step
             break
-        cache.reorder(beam_rows)
-        if guide is not None:
-            guide.reorder(beam_rows)
+        steps.reorder(cache, beam_rows)  # (guidance's steps: its rows follow the beams too)
         logits = steps(model, seq[:, t - 1 : t], cache, pos)  # (B*N, V)
         if pos is not None:
             pos += 1

@@ -167,6 +167,19 @@ class Steps:
         self.taken = (model, cache)
         return cache
 
+    def start(self, model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor | None,
+              pad_mask: torch.Tensor | None, total: int, copies: int = 1):
+        """Prefill the prompts ids (B, T) into a fresh cache of ``total`` slots, ``copies`` rows per
+        prompt (``prefill_copies``): (cache, next-token logits (B * copies, V))."""
+        if copies > 1:
+            return prefill_copies(model, ids, positions, pad_mask, copies, self, total)
+        cache = self.setup_cache(model, ids.shape[0], total)
+        return cache, prefill(model, ids, cache, positions, pad_mask)
+
+    def reorder(self, cache, rows: torch.Tensor) -> None:
+        """Beam search: cache row i becomes row ``rows[i]``'s."""
+        cache.reorder(rows)
+
     def close(self) -> None:
         """Keep the static cache handed out (if any) for the model's next call."""
         if self.taken is not None:
@@ -568,7 +581,7 @@ def make_chooser(processors: dict, generator: torch.Generator | None, *, held: S
 
     def choose(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         rules = held(ids.shape[1] - prompt_len, logits.device) if held else {}
-        scores = logits.float() if guide is None else guide(logits, ids)
+        scores = logits.float() if guide is None else guide.scores(logits, ids)
         scores = process_logits(scores, ids, input_mask=mask, **rules, **processors)
         if record is not None:
             record.append(scores.clone())  # (a buffer of the static cache's graph, or the logits themselves)
@@ -693,8 +706,8 @@ def generate(
         mixes each step's log-probs with those given an unconditional context, ``log p_u + scale
         * (log p - log p_u)``, before the other processors, in every mode. The context is the
         negative prompt(s) (one per prompt, or one for all; a tensor with an optional mask, or
-        ragged lists), else each prompt's last token. It costs a second forward pass per step
-        (compiled with ``compile``, on the usual cache).
+        ragged lists), else each prompt's last token. The unconditional rows ride along in the
+        batch (one forward pass a step for both; with ``compile`` on CUDA, one CUDA graph).
     Returns ``GenerateOutput(sequences=(B, T + T_new))``, T_new <= max_new_tokens; beam search
     returns ``(B * num_return_sequences, T + T_new)`` (sampling too) and the final beam ``scores``
     ``(B * num_return_sequences,)``, shorter hypotheses padded with ``pad_token_id``.
@@ -722,10 +735,10 @@ def generate(
     stops = stop_strings_for(stop_strings, tokenizer, model.config.vocab_size, device)
     from .guidance import guidance_for  # imported here: guidance builds on this module
 
-    guide = guidance_for(model, guidance_scale, negative_prompt_ids, negative_prompt_attention_mask,
-                         prompts=ids.shape[0], copies=int(num_beams if num_beams > 1 else num_return_sequences),
-                         max_new_tokens=max_new_tokens, pad_value=pad_id or 0, compile=compile)
     steps = Steps.for_device(device, compile=compile, static=static_cache)
+    guide = guidance_for(model, guidance_scale, negative_prompt_ids, negative_prompt_attention_mask,
+                         prompts=ids.shape[0], max_new_tokens=max_new_tokens, pad_value=pad_id or 0, steps=steps)
+    steps = guide or steps  # guidance runs the steps: its rows ride along in the batch
     if num_beams > 1:
         from .beam import beam_search, check_beam_args  # imported here: beam builds on this module
 
@@ -794,13 +807,10 @@ def decode_loop(
     T = ids.shape[1]
     total = T + max_new_tokens
     positions = None if pad_mask is None else padded_positions(pad_mask)  # (B, T)
+    cache, logits = steps.start(model, ids, positions, pad_mask, total, copies)  # (B * copies, V)
     if copies > 1:
-        cache, logits = prefill_copies(model, ids, positions, pad_mask, copies, steps, total)  # (B * copies, V)
         ids, pad_mask, positions = (None if x is None else x.repeat_interleave(copies, dim=0)
                                     for x in (ids, pad_mask, positions))
-    else:
-        cache = steps.setup_cache(model, ids.shape[0], total)
-        logits = prefill(model, ids, cache, positions, pad_mask)  # (B, V)
     B = ids.shape[0]
     seq = ids.new_empty(B, total)  # (B, T + N): prompt then new tokens, written in place
     seq[:, :T] = ids
@@ -908,11 +918,12 @@ def generate_stream(
         if shape is None or len(shape) != 1:
             raise ValueError(f"generate_stream takes one negative prompt, a 1-D list or tensor of ids; got "
                              f"{shape or type(negative_prompt_ids).__name__}")
-    guide = guidance_for(model, guidance_scale, negative_prompt_ids, None, prompts=1, copies=1,
-                         max_new_tokens=max_new_tokens, pad_value=0, compile=compile)
+    steps = Steps.for_device(device, compile=compile, static=static_cache)
+    guide = guidance_for(model, guidance_scale, negative_prompt_ids, None, prompts=1, max_new_tokens=max_new_tokens,
+                         pad_value=0, steps=steps)
+    steps = guide or steps
     choose = make_chooser(processors, make_generator(seed, device), held=held, prompt_len=ids.shape[1], guide=guide)
     stops = stop_strings_for(stop_strings, tokenizer, model.config.vocab_size, device)
-    steps = Steps.for_device(device, compile=compile, static=static_cache)
     check_max_time(max_time)  # the clock starts at the first token asked for
     return stream_loop(model, ids, max_new_tokens, choose, eos=set(eos), steps=steps, stops=stops, max_time=max_time)
 
@@ -929,10 +940,9 @@ def stream_loop(
     deadline = deadline_after(max_time)
     with cpu_decode_layout(model, compiled=steps.compile), contextlib.closing(steps):
         T = ids.shape[1]
-        cache = steps.setup_cache(model, 1, T + max_new_tokens)
+        cache, logits = steps.start(model, ids, None, None, T + max_new_tokens)  # (1, V)
         seq = ids.new_empty(1, T + max_new_tokens)
         seq[:, :T] = ids
-        logits = prefill(model, ids, cache)  # (1, V)
         stop_states = None if stops is None else stops.start(ids, None)
         for step in range(max_new_tokens):
             tok = choose(logits, seq[:, : T + step], None)  # (1,)

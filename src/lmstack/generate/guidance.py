@@ -2,7 +2,7 @@
 Classifier-Free Guidance"), as HF transformers' ``generate(guidance_scale=...)``.
 
 Each step mixes the next-token log-probs given the prompt (conditional) with those given a
-second, unconditional context, decoded alongside on a KV cache of its own:
+second, unconditional context, decoded alongside:
 
     scores = log p(x | uncond) + scale * (log p(x | prompt) - log p(x | uncond))
 
@@ -10,14 +10,18 @@ second, unconditional context, decoded alongside on a KV cache of its own:
 context does; ``scale < 1`` toward the unconditional context (so a negative prompt then acts as a
 positive one); ``scale = 1`` is plain decoding. The unconditional context is
 ``negative_prompt_ids`` when given, else each prompt's last token alone (HF's default). Every
-token chosen (or the padding of a finished row) is fed to both contexts, and under beam search
+token chosen (or what a finished row is fed) is fed to both contexts, and under beam search
 the unconditional rows follow their beams. HF's are never reordered: its row i is guided by what
 was fed to row i step after step, whatever beam the row holds now, and with a negative prompt its
 beam search fails on a shape mismatch (transformers 5.25). The mixed scores then pass through the
 other processors: HF applies this one first.
 
-The cost is a second forward pass per step, on the unconditional rows (compiled with
-``compile=True``, on the usual cache: not CUDA graphs).
+The unconditional rows decode as extra rows of the same batch: the prompts and their
+unconditional contexts are prefilled together (left-padded to one length, each row with its own
+positions) and every step feeds both halves in one forward pass, so the weights are read once a
+step for both, and with ``compile`` on CUDA the pair is one CUDA graph. (HF runs a second forward
+pass a step.) ``Guidance`` is the decode loops' ``Steps`` for this: it prefills, steps and reorders
+the joint rows and hands the loop the prompts' half.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numbers
 
 import torch
 
-from .decode import Steps, check_ids, check_length, padded_positions, prefill, prepare_inputs
+from .decode import Steps, check_ids, check_length, padded_positions, prepare_inputs
 
 
 def check_guidance_scale(guidance_scale) -> bool:
@@ -41,55 +45,83 @@ def check_guidance_scale(guidance_scale) -> bool:
     return guidance_scale != 1
 
 
+def left_extend(x: torch.Tensor, mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad ids x (B, T) and their mask (None: all tokens) to ``length`` columns: (ids, bool mask)."""
+    B, T = x.shape
+    mask = torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
+    if length == T:
+        return x, mask
+    return (torch.cat([x.new_zeros(B, length - T), x], 1),
+            torch.cat([mask.new_zeros(B, length - T), mask], 1))
+
+
 class Guidance:
-    """The unconditional branch of one ``generate`` call: ``guide(logits (R, V), ids so far (R, t))``
-    returns the guided scores (R, V) fp32. Its first call prefills the unconditional context, each
-    later one feeds it ``ids``' last column (the token chosen at the step before). ``copies``:
-    rows per prompt (sampling's ``num_return_sequences``, beam search's beams), each prompt's
-    negative prompt repeated to its rows. ``compile``: its steps through ``compiled_decode_step``."""
+    """Classifier-free guidance for one ``generate`` call, as the decode loop's ``Steps`` (``inner``
+    runs the actual steps: eager, compiled, static). ``start`` prefills each prompt together with
+    its unconditional context (its negative prompt, else its last token) as rows ``R ...`` of one
+    cache; each call feeds the token given to both halves; ``reorder`` moves both under beam
+    search. The loop sees the prompts' logits only, and ``scores(logits, ids)`` gives the guided
+    log-probs (R, V) fp32 from them and the unconditional logits of the same step."""
 
-    def __init__(self, model: torch.nn.Module, scale: float, negative: torch.Tensor | None,
-                 negative_mask: torch.Tensor | None, copies: int, max_new_tokens: int, compile: bool = False):
-        self.model, self.scale, self.max_new_tokens = model, float(scale), max_new_tokens
-        self.step = Steps(compile=compile)
-        if negative is not None:
-            negative = negative.repeat_interleave(copies, dim=0)
-            negative_mask = None if negative_mask is None else negative_mask.repeat_interleave(copies, dim=0)
-        self.negative, self.negative_mask = negative, negative_mask
-        self.cache = None
-        self.pos: torch.Tensor | None = None  # (R, 1) the next RoPE positions of a padded negative prompt
+    def __init__(self, scale: float, negative: torch.Tensor | None, negative_mask: torch.Tensor | None, inner: Steps):
+        self.scale, self.inner = float(scale), inner
+        self.negative, self.negative_mask = negative, negative_mask  # (B, L) per prompt, or None
+        self.rows = 0  # R: the prompts' rows (prompts * copies); the unconditional ones follow
+        self.pos: torch.Tensor | None = None  # (2R, 1) the next RoPE positions, when some row is padded
+        self.uncond: torch.Tensor | None = None  # (R, V) the unconditional logits of the last step
 
-    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if self.cache is None:
-            context = ids[:, -1:] if self.negative is None else self.negative  # (R, L)
-            self.cache = self.model.setup_cache(ids.shape[0], context.shape[1] + self.max_new_tokens)
-            positions = None if self.negative_mask is None else padded_positions(self.negative_mask)
-            uncond = prefill(self.model, context, self.cache, positions, self.negative_mask)
-            self.pos = None if positions is None else positions[:, -1:] + 1
-        else:
-            token = ids[:, -1:]  # a finished row's padding may lie outside the vocabulary: feed it 0 then
-            token = token.masked_fill((token < 0) | (token >= self.model.config.vocab_size), 0)
-            uncond = self.step(self.model, token, self.cache, self.pos)
-            if self.pos is not None:
-                self.pos += 1
+    @property
+    def compile(self) -> bool:
+        return self.inner.compile
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def start(self, model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor | None,
+              pad_mask: torch.Tensor | None, total: int, copies: int = 1):
+        """``Steps.start`` on the joint rows; ``positions`` (the prompts') are recomputed with the rest."""
+        T = ids.shape[1]
+        context, context_mask = (ids[:, -1:], None) if self.negative is None else (self.negative, self.negative_mask)
+        L = max(T, context.shape[1])
+        (a, a_mask), (b, b_mask) = left_extend(ids, pad_mask, L), left_extend(context, context_mask, L)
+        joint, mask = torch.cat([a, b]), torch.cat([a_mask, b_mask])
+        mask = None if bool(mask.all()) else mask
+        joint_positions = None if mask is None else padded_positions(mask)
+        cache, logits = self.inner.start(model, joint, joint_positions, mask, total + L - T, copies)
+        self.rows = ids.shape[0] * copies
+        self.pos = None if mask is None else joint_positions[:, -1:].repeat_interleave(copies, dim=0) + 1
+        self.uncond = logits[self.rows:]
+        return cache, logits[: self.rows]
+
+    def __call__(self, model: torch.nn.Module, token: torch.Tensor, cache, positions: torch.Tensor | None):
+        """Feed ``token`` (R, 1) to both halves; return the prompts' next-token logits (R, V)
+        (``positions``, the prompts', are the first half of this object's own)."""
+        logits = self.inner(model, torch.cat([token, token]), cache, self.pos)
+        if self.pos is not None:
+            self.pos += 1
+        self.uncond = logits[self.rows:]
+        return logits[: self.rows]
+
+    def reorder(self, cache, rows: torch.Tensor) -> None:
+        """Beam search: the unconditional rows follow their beams (row i becomes row ``rows[i]``)."""
+        joint = torch.cat([rows, rows + self.rows])
+        self.inner.reorder(cache, joint)
+        if self.pos is not None:
+            self.pos = self.pos[joint]
+
+    def scores(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The guided log-probs (R, V) fp32 of this step, from the prompts' ``logits`` (R, V)."""
         cond = torch.log_softmax(logits.float(), dim=-1)
-        uncond = torch.log_softmax(uncond.float(), dim=-1)
+        uncond = torch.log_softmax(self.uncond.float(), dim=-1)
         return uncond + self.scale * (cond - uncond)
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Beam search: the unconditional rows follow the beams (row i becomes row ``rows[i]``)."""
-        if self.cache is not None:
-            self.cache.reorder(rows)
-            if self.pos is not None:
-                self.pos = self.pos[rows]
 
 
 def guidance_for(model: torch.nn.Module, guidance_scale, negative_prompt_ids, negative_prompt_attention_mask,
-                 *, prompts: int, copies: int, max_new_tokens: int, pad_value: int,
-                 compile: bool = False) -> Guidance | None:
-    """``generate``'s guidance keywords, checked, as a ``Guidance`` (None when off). The negative
-    prompt(s) take the forms ``input_ids`` does (a tensor with an optional mask, or ragged lists,
-    left-padded here with ``pad_value``); one negative prompt serves every prompt."""
+                 *, prompts: int, max_new_tokens: int, pad_value: int, steps: Steps) -> Guidance | None:
+    """``generate``'s guidance keywords, checked, as a ``Guidance`` running its steps through
+    ``steps`` (None when off). The negative prompt(s) take the forms ``input_ids`` does (a tensor
+    with an optional mask, or ragged lists, left-padded here with ``pad_value``); one negative
+    prompt serves every prompt."""
     on = check_guidance_scale(guidance_scale)
     given = negative_prompt_ids is not None
     if not on:
@@ -115,4 +147,4 @@ def guidance_for(model: torch.nn.Module, guidance_scale, negative_prompt_ids, ne
         if negative.shape[0] != prompts:
             negative = negative.expand(prompts, -1)
             mask = None if mask is None else mask.expand(prompts, -1)
-    return Guidance(model, guidance_scale, negative, mask, copies, max_new_tokens, compile=compile)
+    return Guidance(guidance_scale, negative, mask, steps)
