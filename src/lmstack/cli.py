@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="beam search stop rule, as HF's early_stopping (default false)")
     ge.add_argument("--guidance-scale", type=float, default=None,
                     help="classifier-free guidance, as HF's guidance_scale: > 1 follows the prompt more closely "
-                         "(1.5 is typical), < 1 less; each step costs a second forward pass")
+                         "(1.5 is typical), < 1 less; the unconditional rows decode in the same batch")
     ge.add_argument("--negative-prompt", default=None, metavar="TEXT",
                     help="guidance's unconditional context (default: the prompt's last token), encoded as the "
                          "prompt is (chat template, --system, --bos); with --guidance-scale > 1 the reply moves "

@@ -78,7 +78,7 @@ def ends_row_0(free, T):
     pytest.fail(f"no token ends row 0 alone: {free[:, T:].tolist()}")
 
 
-@pytest.mark.parametrize("negative", ["none", "one-per-prompt", "padded", "one-for-all"])
+@pytest.mark.parametrize("negative", ["none", "one-per-prompt", "padded", "one-for-all", "longer"])
 @pytest.mark.parametrize("scale", [1.8, 0.4])
 def test_greedy_sequences_and_scores_match_hf(sharp, batch, negatives, negative, scale):
     h, m = sharp
@@ -94,6 +94,9 @@ def test_greedy_sequences_and_scores_match_hf(sharp, batch, negatives, negative,
     elif negative == "one-for-all":
         theirs = dict(negative_prompt_ids=neg[1:2].expand(3, -1))
         ours = dict(negative_prompt_ids=neg[1].tolist())
+    elif negative == "longer":  # longer than every prompt: the prompts' rows get more left padding in the batch
+        long, long_mask = ragged_batch([13, 10, 12], seed=7)
+        theirs = ours = dict(negative_prompt_ids=long, negative_prompt_attention_mask=long_mask)
     free = hf_out(h, ids, mask, 12, pad_token_id=PAD, guidance_scale=scale, **theirs).sequences
     kw = dict(eos_token_id=ends_row_0(free, T), pad_token_id=PAD, guidance_scale=scale)  # row 0 ends early
     ref = hf_out(h, ids, mask, 12, **kw, **theirs)
@@ -228,8 +231,8 @@ def test_bad_guidance_arguments_say_what_to_do(sharp, batch, negatives):
 
 
 def test_compiled_steps_and_the_static_cache_guide_alike(sharp, batch, negatives):
-    """compile=True runs the unconditional branch's steps compiled too, and beside a static cache
-    it keeps a cache of its own: the same tokens either way, beam search included."""
+    """compile=True runs the joint rows' steps compiled, and a static cache holds the unconditional
+    rows too: the same tokens either way, beam search included."""
     _, m = sharp
     ids, mask = batch
     neg, neg_mask = negatives

@@ -78,7 +78,7 @@ def test_sampling_matches_hf_token_for_token(unsharp, prompts, seed, name):
 def test_guided_by_a_negative_prompt_matches_hf(unsharp, prompts, seed):
     h, m = unsharp
     ids, mask = prompts
-    neg, neg_mask = ragged_batch([4, 2, 5], seed=seed % 1000)
+    neg, neg_mask = ragged_batch([4, 14, 5], seed=seed % 1000)  # one longer than every prompt
     assert_samples_match_hf(h, m, ids, mask, 16, seed, temperature=0.9, guidance_scale=2.0,
                             negative_prompt_ids=neg, negative_prompt_attention_mask=neg_mask)
 

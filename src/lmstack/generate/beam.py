@@ -186,7 +186,8 @@ def beam_search(
     a step that finishes past ``deadline`` is the last (HF's ``max_time``). ``output_scores`` /
     ``output_logits``: also return each step's processed log-probs / raw logits of the B * N running
     beams, and the hypotheses' ``beam_indices`` (HF's). ``guide``: classifier-free guidance
-    (``lmstack.generate.guidance.Guidance``, N rows per prompt), whose rows follow the beams.
+    (``lmstack.generate.guidance.Guidance``), which is ``steps`` too: it decodes the unconditional
+    rows alongside the beams and moves them with the beams.
 
     Returns ``GenerateOutput(sequences=(B * R, T + T_new), scores=(B * R,))``, R =
     ``num_return_sequences``: the R best hypotheses of prompt b at rows ``b * R ...``, best first.
@@ -202,6 +203,8 @@ def beam_search(
     base = torch.arange(B, device=dev)[:, None] * N  # (B, 1) first beam row of each prompt
 
     steps = steps or Steps()
+    if guide is not None and steps is not guide:
+        raise ValueError("beam_search(guide=g) runs its steps through g: pass steps=g too")
     positions = None if pad_mask is None else padded_positions(pad_mask)  # (B, T)
     cache, logits = steps.start(model, ids, positions, pad_mask, total, N)  # (B*N, V): one prefill per prompt
     pos = None if positions is None else positions[rows, -1:] + 1  # (B*N, 1), advanced in place
