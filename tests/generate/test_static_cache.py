@@ -221,14 +221,14 @@ def test_compile_on_torch_2_4_takes_the_static_step(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_decode_matches_eager():
     """On a GPU, ``compile=True`` defaults to the static cache with CUDA graphs: same tokens as the
-    eager usual-cache decode, and no step falls back from CUDA graphs."""
+    eager usual-cache decode, and no step falls back from CUDA graphs; guided decoding too."""
     from torch._dynamo.utils import counters
 
     from lmstack.generate.decode import STATIC_CACHES
 
     _, m = tiny_hf("llama", scale=3.0, seed=7)
     m = m.cuda()
-    ids, mask = ragged_batch([6, 2, 9], seed=7)
+    ids, mask = ragged_batch([6, 2, 9, 4], seed=7)
     ids, mask = ids.cuda(), mask.cuda()
     ref = generate(m, ids, 24, attention_mask=mask, pad_token_id=PAD).sequences
     skips, caches = counters["inductor"]["cudagraph_skips"], set()
@@ -240,3 +240,11 @@ def test_cuda_graph_decode_matches_eager():
     assert len(caches) == 1  # every call replayed on the same buffers
     # a compiled stream (`lmstack generate --compile`) replays its own graph, one row, same tokens
     assert list(generate_stream(m, ids[2], 24, compile=True)) == ref[2, ids.shape[1]:].tolist()
+    # guidance: prompts 0-1 with rows 2-3 as their negative prompts decode as 4 rows of one graph
+    kw = dict(attention_mask=mask[:2], pad_token_id=PAD, guidance_scale=1.5, negative_prompt_ids=ids[2:],
+              negative_prompt_attention_mask=mask[2:])
+    guided = generate(m, ids[:2], 24, **kw).sequences
+    assert not torch.equal(guided, ref[:2])
+    for _ in range(2):
+        assert torch.equal(generate(m, ids[:2], 24, compile=True, **kw).sequences, guided)
+    assert counters["inductor"]["cudagraph_skips"] == skips
