@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..kernels import TORCH_VERSION
-from .sampling import StepRules, check_sampling_args, is_greedy, process_logits, reads_text, sample, token_biases
+from .sampling import (PrefixConstraint, StepRules, check_sampling_args, is_greedy, process_logits, reads_text, sample,
+                       token_biases)
 from .stops import StopStrings, stop_strings_for
 
 if TYPE_CHECKING:
@@ -503,22 +504,35 @@ PROCESSING_KEYS = (
     "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "repetition_penalty",
     "no_repeat_ngram_size", "min_new_tokens", "min_length", "sequence_bias", "bad_words_ids", "suppress_tokens",
     "begin_suppress_tokens", "forced_eos_token_id", "exponential_decay_length_penalty", "renormalize_logits",
+    "logits_processor", "prefix_allowed_tokens_fn",
 )
 
 
 def processing(
     model: torch.nn.Module, eos: list[int], prompt_len: int, max_new_tokens: int, *, min_new_tokens: int | None,
     min_length: int | None, sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens,
-    forced_eos_token_id, exponential_decay_length_penalty, **processors,
+    forced_eos_token_id, exponential_decay_length_penalty, logits_processor=None, prefix_allowed_tokens_fn=None,
+    group: int = 1, **processors,
 ) -> tuple[dict, StepRules]:
     """``generate``'s logits-processing keywords as ``process_logits``' keywords (``processors``, the
-    sequence biases compiled into ``bias``) and the rules of each step (``StepRules``: EOS held back
-    until ``min_new_tokens``, or ``min_length`` less the padded prompt, are out; the begin tokens
-    banned at the first step; the forced EOS at the last; the EOS boost)."""
+    sequence biases compiled into ``bias``, ``prefix_allowed_tokens_fn`` as ``allowed`` with
+    ``group`` rows per prompt, ``logits_processor`` as ``custom``) and the rules of each step
+    (``StepRules``: EOS held back until ``min_new_tokens``, or ``min_length`` less the padded
+    prompt, are out; the begin tokens banned at the first step; the forced EOS at the last; the EOS
+    boost)."""
     device = next(model.parameters()).device
     processors["bias"] = token_biases(sequence_bias=sequence_bias, bad_words_ids=bad_words_ids,
                                       suppress_tokens=suppress_tokens, eos=eos, vocab_size=model.config.vocab_size,
                                       device=device)
+    if prefix_allowed_tokens_fn is not None:
+        processors["allowed"] = PrefixConstraint(prefix_allowed_tokens_fn, group)
+    if logits_processor is not None:
+        if callable(logits_processor) and not isinstance(logits_processor, (list, tuple)):
+            logits_processor = [logits_processor]
+        if not isinstance(logits_processor, (list, tuple)) or not all(callable(f) for f in logits_processor):
+            raise ValueError(f"logits_processor={logits_processor!r} must be a list of callables (input_ids, scores) "
+                             f"-> scores, such as HF LogitsProcessor objects")
+        processors["custom"] = tuple(logits_processor)
     processors["renormalize_logits"] = bool(processors.get("renormalize_logits"))
     min_new = max(min_new_tokens or 0, (min_length or 0) - prompt_len, 0)
     return processors, StepRules(eos, min_new, begin_suppress_tokens, forced_eos_token_id, max_new_tokens - 1,
@@ -626,6 +640,8 @@ def generate(
     forced_eos_token_id: int | list[int] | None = None,
     exponential_decay_length_penalty: tuple[int, float] | None = None,
     renormalize_logits: bool = False,
+    logits_processor=None,
+    prefix_allowed_tokens_fn=None,
     eos_token_id: int | Sequence[int] | None = None,
     stop_strings: str | Sequence[str] | StopStrings | None = None,
     tokenizer: Tokenizer | None = None,
@@ -667,6 +683,11 @@ def generate(
     epsilon_cutoff, eta_cutoff, sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens,
     forced_eos_token_id, exponential_decay_length_penalty, renormalize_logits: HF's processors of
         those names (``lmstack.generate.sampling``), with HF's semantics and order, in every mode.
+    prefix_allowed_tokens_fn: HF's: ``fn(prompt index, ids so far (t,))`` -> the token ids a row
+        may take next (``sampling.PrefixConstraint``; a prompt's beams and samples share its index).
+    logits_processor: HF's: a list of callables ``(input_ids (rows, t), scores (rows, V) fp32) ->
+        scores``, HF ``LogitsProcessor`` objects included, applied in order after the built-in
+        processors and before the sampling filters (beam search: on log-probs), as HF does.
     eos_token_id: an id or a list (ints, numpy integers or a tensor); once a row emits one, its
         later tokens are ``pad_token_id`` (default: the first EOS id) and decoding stops when
         every row has. ``stop_on_eos=False`` ignores EOS (and without stop strings always
@@ -731,7 +752,8 @@ def generate(
     ids, pad_mask = prepare_inputs(input_ids, attention_mask, pad_id if pad_id is not None else 0, device)
     max_new_tokens = check_length(model, ids.shape[1], max_new_tokens, max_length)
     check_ids(model, ids, pad_mask)
-    processors, held = processing(model, eos, ids.shape[1], max_new_tokens, **settings)
+    processors, held = processing(model, eos, ids.shape[1], max_new_tokens,
+                                  group=int(max(num_beams, num_return_sequences)), **settings)
     stops = stop_strings_for(stop_strings, tokenizer, model.config.vocab_size, device)
     from .guidance import guidance_for  # imported here: guidance builds on this module
 
@@ -875,6 +897,8 @@ def generate_stream(
     forced_eos_token_id: int | list[int] | None = None,
     exponential_decay_length_penalty: tuple[int, float] | None = None,
     renormalize_logits: bool = False,
+    logits_processor=None,
+    prefix_allowed_tokens_fn=None,
     eos_token_id: int | Sequence[int] | None = None,
     stop_strings: str | Sequence[str] | StopStrings | None = None,
     tokenizer: Tokenizer | None = None,

@@ -109,9 +109,10 @@ class StepRules:
 
     def __call__(self, step: int, device: torch.device) -> dict:
         rules = {}
-        banned = (self.eos if step < self.min_new_tokens else []) + (self.begin if step == 0 else [])
-        if banned:
-            rules["suppress_ids"] = self._ids(banned, device)
+        if step < self.min_new_tokens:
+            rules["hold_ids"] = self._ids(self.eos, device)
+        if step == 0 and self.begin:
+            rules["suppress_ids"] = self._ids(self.begin, device)
         if step == self.last_step:
             rules["force_ids"] = self._ids(self.forced, device)
         if self.decay is not None and step > self.decay[0]:
@@ -226,9 +227,49 @@ def _token_list(ids, *, empty: bool = False) -> bool:
 
 def reads_text(processors: dict) -> bool:
     """Whether ``process_logits``' keywords ``processors`` hold one that reads the text so far (the
-    repetition penalty, the n-gram ban, sequence biases), so needs input_ids and a padding mask."""
+    repetition penalty, the n-gram ban, sequence biases, a prefix constraint, the caller's own
+    processors), so needs input_ids and a padding mask."""
     return (processors.get("repetition_penalty") not in (None, 1.0) or bool(processors.get("no_repeat_ngram_size"))
-            or processors.get("bias") is not None)
+            or processors.get("bias") is not None or processors.get("allowed") is not None
+            or bool(processors.get("custom")))
+
+
+class PrefixConstraint:
+    """HF's ``prefix_allowed_tokens_fn`` (``PrefixConstrainedLogitsProcessor``): ``fn(prompt index,
+    row's ids so far (t,))`` returns the ids the row may take next; every other token goes to -inf.
+    ``group``: rows per prompt (its beams, or its ``num_return_sequences`` samples). When no row of a group has an allowed token left finite, the group gets
+    its allowed tokens at 0, so the constraint still holds (HF's rule)."""
+
+    def __init__(self, fn, group: int = 1):
+        if not callable(fn):
+            raise ValueError(f"prefix_allowed_tokens_fn={fn!r} must be a function (prompt index, ids so far) -> "
+                             f"allowed token ids")
+        self.fn, self.group = fn, group
+
+    def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = torch.full_like(logits, NEG_INF)
+        for row in range(input_ids.shape[0]):
+            allowed = self.fn(row // self.group, input_ids[row])
+            if len(allowed) == 0:
+                raise ValueError(f"prefix_allowed_tokens_fn returned no token ids for prompt {row // self.group} "
+                                 f"(row {row}): the constraint cannot be met; return at least one id")
+            mask[row, allowed] = 0.0
+        out = logits + mask
+        stuck = out.amax(dim=-1).isneginf().view(-1, self.group).all(dim=-1).repeat_interleave(self.group)
+        return torch.where(stuck[:, None], mask, out)
+
+
+def apply_custom(logits: torch.Tensor, input_ids: torch.Tensor, custom: Sequence) -> torch.Tensor:
+    """The caller's processors (HF's ``logits_processor``: callables ``(input_ids, scores) -> scores``,
+    HF ``LogitsProcessor`` objects included), in order, each given the output of the one before."""
+    for i, fn in enumerate(custom):
+        out = fn(input_ids, logits)
+        if not isinstance(out, torch.Tensor) or out.shape != logits.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"logits_processor[{i}] ({type(fn).__name__}) returned {got}; it must return scores "
+                             f"shaped like the ones it was given, {tuple(logits.shape)}")
+        logits = out
+    return logits
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -340,9 +381,12 @@ def process_logits(
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
     bias: SequenceBias | None = None,
-    suppress_ids: torch.Tensor | None = None,
+    hold_ids: torch.Tensor | None = None,
+    allowed: PrefixConstraint | None = None,
     force_ids: torch.Tensor | None = None,
     eos_boost: tuple[torch.Tensor, float] | None = None,
+    suppress_ids: torch.Tensor | None = None,
+    custom: Sequence = (),
     renormalize_logits: bool = False,
     input_mask: torch.Tensor | None = None,
     min_tokens_to_keep: int = 1,
@@ -350,28 +394,37 @@ def process_logits(
     """All processors in HF ``generate``'s order; ``None`` (or a neutral value) skips one.
 
     Greedy (``temperature`` 0 or None) applies only the sequence biases (``bias``: sequence_bias,
-    bad words, suppressed tokens), the repetition penalty, the n-gram ban and ``StepRules``' keywords
-    of this step (``suppress_ids``, ``force_ids``, ``eos_boost``), as HF does with ``do_sample=False``:
-    the others cannot change the argmax (typical could, and HF skips it too). ``renormalize_logits``
-    ends with a log-softmax (HF's, for beam scores after the processors). ``input_ids`` (B, T) is
-    the sequence so far, needed for the penalty, the n-gram ban and the biases; ``input_mask`` (B, T)
-    False where a position must not count (padding).
+    bad words, suppressed tokens), the repetition penalty, the n-gram ban, ``StepRules``' keywords
+    of this step (``hold_ids``, EOS held back; ``force_ids``; ``eos_boost``; ``suppress_ids``, the
+    begin tokens), the prefix constraint (``allowed``) and the caller's processors (``custom``,
+    after all of those), as HF does with ``do_sample=False``: the others cannot change the argmax
+    (typical could, and HF skips it too). ``renormalize_logits`` ends with a log-softmax (HF's, for
+    beam scores after the processors). ``input_ids`` (B, T) is the sequence so far, needed for the
+    penalty, the n-gram ban, the biases, the constraint and ``custom``; ``input_mask`` (B, T) False
+    where a position must not count (padding).
     """
-    if (repetition_penalty not in (None, 1.0) or no_repeat_ngram_size or bias is not None) and input_ids is None:
-        raise ValueError("repetition_penalty, no_repeat_ngram_size and sequence biases need input_ids, the sequence "
-                         "generated so far")
+    if reads_text(dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, bias=bias,
+                       allowed=allowed, custom=custom)) and input_ids is None:
+        raise ValueError("repetition_penalty, no_repeat_ngram_size, sequence biases, prefix_allowed_tokens_fn and "
+                         "logits_processor need input_ids, the sequence generated so far")
     if bias is not None:
         logits = bias(logits, input_ids, input_mask)
     if repetition_penalty is not None and repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, input_ids, repetition_penalty, input_mask)
     if no_repeat_ngram_size:
         logits = no_repeat_ngram_filter(logits, input_ids, no_repeat_ngram_size, input_mask)
-    if suppress_ids is not None:
-        logits = suppress(logits, suppress_ids)
+    if hold_ids is not None:
+        logits = suppress(logits, hold_ids)
+    if allowed is not None:
+        logits = allowed(logits, input_ids)
     if force_ids is not None:
         logits = force(logits, force_ids)
     if eos_boost is not None:
         logits = boost(logits, *eos_boost)
+    if suppress_ids is not None:
+        logits = suppress(logits, suppress_ids)
+    if custom:
+        logits = apply_custom(logits, input_ids, custom)
     if not is_greedy(temperature):
         logits = warp(logits, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff,
                       min_tokens_to_keep, top_h)
