@@ -1,4 +1,5 @@
-"""``prefix_allowed_tokens_fn`` and ``logits_processor`` against HF ``generate`` with the same arguments.
+"""``prefix_allowed_tokens_fn``, ``logits_processor`` and ``stopping_criteria`` against HF ``generate``
+with the same arguments.
 
 The constraint and the caller's processors read each row's text (left padding included, as HF's
 ``input_ids``), so ragged batches, beams and sampled copies (they share their prompt's index in
@@ -17,6 +18,7 @@ from ..hf_models import ragged_batch, well_drawn_seeds
 
 transformers = pytest.importorskip("transformers")
 from transformers.generation.logits_process import LogitsProcessor  # noqa: E402
+from transformers.generation.stopping_criteria import StoppingCriteria  # noqa: E402
 
 V = 128
 PAD = V - 1
@@ -150,3 +152,102 @@ def test_bad_values_are_one_line_errors(sharp, kw, match):
     _, m = sharp
     with pytest.raises(ValueError, match=match):
         generate(m, [[1, 2]], 3, **kw)
+
+
+# -- stopping criteria ----------------------------------------------------------------------------
+class StopAfter(StoppingCriteria):
+    """Done where the last token is ``token`` and the text is longer than ``length``; records the
+    ``scores`` it was given (None, or a tuple of steps)."""
+
+    def __init__(self, token, length=0):
+        self.token, self.length, self.seen = token, length, []
+
+    def __call__(self, input_ids, scores, **kw):
+        self.seen.append(None if scores is None else len(scores))
+        return (input_ids[:, -1] == self.token) & (input_ids.shape[1] > self.length)
+
+
+def stop_token(free, T, row=0):
+    """A token row ``row`` of the free-running ``free`` emits a few tokens in that some other row
+    does not emit early."""
+    for k in range(2, 8):
+        tok = int(free[row, T + k])
+        if tok not in free[row, T:T + k].tolist() and any(tok not in r[T:T + k + 2].tolist() for r in free[1:]):
+            return tok
+    pytest.fail(f"no token to stop on: {free[:, T:].tolist()}")
+
+
+def test_greedy_stops_as_hf(sharp, batch):
+    h, m = sharp
+    ids, mask = batch
+    T = ids.shape[1]
+    free = generate(m, ids, 12, attention_mask=mask, pad_token_id=PAD).sequences
+    tok = stop_token(free, T)
+    ref = hf_gen(h, ids, mask, 12, do_sample=False, eos_token_id=EOS, stopping_criteria=[StopAfter(tok)])
+    crit = StopAfter(tok)
+    out = generate(m, ids, 12, attention_mask=mask, pad_token_id=PAD, eos_token_id=EOS, stopping_criteria=[crit])
+    assert torch.equal(out.sequences, ref.sequences), (out.sequences[:, T:], ref.sequences[:, T:])
+    row = out.sequences[0, T:].tolist()
+    end = row.index(tok)
+    assert set(row[end + 1:]) == {PAD} and any(PAD not in r[T:].tolist() for r in out.sequences[1:])
+    assert set(crit.seen) == {None}  # no output_scores: HF passes no scores either
+    crit = StopAfter(tok)
+    out = generate(m, ids, 12, attention_mask=mask, pad_token_id=PAD, eos_token_id=EOS, stopping_criteria=[crit],
+                   output_scores=True)
+    assert crit.seen == list(range(1, len(crit.seen) + 1))  # the steps so far, this one included
+
+
+def test_beam_search_stops_as_hf(sharp, batch):
+    h, m = sharp
+    ids, mask = batch
+    T = ids.shape[1]
+    kw = dict(num_beams=3, num_return_sequences=2, eos_token_id=EOS, length_penalty=1.3)
+    free = generate(m, ids, 10, attention_mask=mask, pad_token_id=PAD, **kw).sequences
+    crit = [StopAfter(stop_token(free[::2], T), length=T + 1)]
+    ref = hf_gen(h, ids, mask, 10, do_sample=False, stopping_criteria=crit, **kw)
+    out = generate(m, ids, 10, attention_mask=mask, pad_token_id=PAD, stopping_criteria=crit, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.scores, ref.sequences_scores, atol=1e-4, rtol=1e-5)
+    assert not torch.equal(out.sequences[:, :free.shape[1]], free[:, :out.sequences.shape[1]])  # it stopped some
+
+
+def test_sampling_stops_as_hf(unsharp, seed):
+    h, m = unsharp
+    ids, mask = ragged_batch([6, 11, 1], seed=3)
+    kw = dict(temperature=1.0, top_k=0, num_return_sequences=2, eos_token_id=EOS, pad_token_id=PAD)  # HF: top_k 50 unless 0
+    crit = [StopAfter(tok) for tok in range(20, 40)]  # 20 stop tokens: some row stops early
+    s, = well_drawn_seeds(seed % 2**31, 1, m, lambda s: generate(m, ids, 20, attention_mask=mask, seed=s,
+                                                                   stopping_criteria=crit, **kw))
+    torch.manual_seed(s)
+    ref = hf_gen(h, ids, mask, 20, do_sample=True, stopping_criteria=crit, **kw)
+    out = generate(m, ids, 20, attention_mask=mask, seed=s, stopping_criteria=crit, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    new = out.sequences[:, ids.shape[1]:]
+    stopped = ((new >= 20) & (new < 40)).any(dim=1)
+    assert stopped.sum() >= 2, new  # (each row has 20 steps at ~1/6 a step to draw one)
+
+
+def test_stream_stops_after_the_token(sharp):
+    _, m = sharp
+    prompt = [3, 17, 44, 9]
+    free = generate(m, [prompt], 10).sequences[0, 4:].tolist()
+    tok = next(t for k, t in enumerate(free) if k >= 2 and t not in free[:k])
+    assert list(generate_stream(m, prompt, 10, stopping_criteria=[StopAfter(tok)])) == free[: free.index(tok) + 1]
+
+
+@pytest.mark.parametrize("crit, match", [
+    (5, "stopping_criteria=5 must be a list of callables"),
+    ([lambda i, s: torch.ones(3, dtype=torch.bool)], "stopping_criteria\\[0\\] \\(function\\) returned \\(3,\\)"),
+    ([lambda i, s: "yes"], "stopping_criteria\\[0\\] \\(function\\) returned str"),
+])
+def test_bad_criteria_are_one_line_errors(sharp, crit, match):
+    _, m = sharp
+    with pytest.raises(ValueError, match=match):
+        generate(m, [[1, 2]], 3, stopping_criteria=crit)
+
+
+def test_a_bool_stops_every_row(sharp, batch):
+    _, m = sharp
+    ids, mask = batch
+    out = generate(m, ids, 8, attention_mask=mask, pad_token_id=PAD, stopping_criteria=[lambda i, s: i.shape[1] > 10])
+    assert out.sequences.shape[1] == 11  # batch's prompts are 9 wide: two new tokens, then every row is done

@@ -173,6 +173,7 @@ def beam_search(
     generator: torch.Generator | None = None,
     steps: Steps | None = None,
     stops: StopStrings | None = None,
+    criteria=None,
     deadline: float | None = None,
     output_scores: bool = False,
     output_logits: bool = False,
@@ -182,7 +183,8 @@ def beam_search(
     ``process_logits``' ``processors`` (repetition penalty, n-gram ban, biases; none by default) on
     the log-probs and ``held``, the ``StepRules`` of each step; beam sampling when their ``temperature``
     is > 0, after the filters given, drawing from ``generator`` (None = torch's global one, as HF).
-    A candidate that completes one of ``stops`` ends like one ending in EOS (HF's stopping criteria);
+    A candidate that completes one of ``stops``, or that ``criteria`` (``stops.Criteria``) says is
+    done, ends like one ending in EOS (HF's stopping criteria);
     a step that finishes past ``deadline`` is the last (HF's ``max_time``). ``output_scores`` /
     ``output_logits``: also return each step's processed log-probs / raw logits of the B * N running
     beams, and the hypotheses' ``beam_indices`` (HF's). ``guide``: classifier-free guidance
@@ -244,6 +246,9 @@ def beam_search(
         if stops is not None:  # each candidate's states: its source beam's, after its token
             cand_states, hit = stops.step(stop_states[(base + src).flatten()], tok.flatten())
             ends |= hit.view(B, K)
+        if criteria is not None:  # each candidate's text: its source beam's, then its token (HF's)
+            cand_text = torch.cat([seq[(base + src).flatten(), :t], tok.flatten()[:, None]], dim=1)  # (B*K, t+1)
+            ends |= criteria(cand_text, tuple(step_scores) if output_scores else None).view(B, K)
         last = step == max_new_tokens - 1 or out_of_time(deadline)
         if last:
             ends = torch.ones_like(tok, dtype=torch.bool)

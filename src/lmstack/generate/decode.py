@@ -28,7 +28,7 @@ import torch
 from ..kernels import TORCH_VERSION
 from .sampling import (PrefixConstraint, StepRules, check_sampling_args, is_greedy, process_logits, reads_text, sample,
                        token_biases)
-from .stops import StopStrings, stop_strings_for
+from .stops import Criteria, StopStrings, criteria_for, stop_strings_for
 
 if TYPE_CHECKING:
     from ..data.tokenizer import Tokenizer
@@ -642,6 +642,7 @@ def generate(
     renormalize_logits: bool = False,
     logits_processor=None,
     prefix_allowed_tokens_fn=None,
+    stopping_criteria=None,
     eos_token_id: int | Sequence[int] | None = None,
     stop_strings: str | Sequence[str] | StopStrings | None = None,
     tokenizer: Tokenizer | None = None,
@@ -685,6 +686,9 @@ def generate(
         those names (``lmstack.generate.sampling``), with HF's semantics and order, in every mode.
     prefix_allowed_tokens_fn: HF's: ``fn(prompt index, ids so far (t,))`` -> the token ids a row
         may take next (``sampling.PrefixConstraint``; a prompt's beams and samples share its index).
+    stopping_criteria: HF's: a list of callables ``(input_ids, scores) -> done (rows,) bool`` (HF
+        ``StoppingCriteria`` objects included), checked after each token (``stops.Criteria``); a
+        row that is done keeps its last token and is padded from then on, as with stop strings.
     logits_processor: HF's: a list of callables ``(input_ids (rows, t), scores (rows, V) fp32) ->
         scores``, HF ``LogitsProcessor`` objects included, applied in order after the built-in
         processors and before the sampling filters (beam search: on log-probs), as HF does.
@@ -755,6 +759,7 @@ def generate(
     processors, held = processing(model, eos, ids.shape[1], max_new_tokens,
                                   group=int(max(num_beams, num_return_sequences)), **settings)
     stops = stop_strings_for(stop_strings, tokenizer, model.config.vocab_size, device)
+    criteria = criteria_for(stopping_criteria)
     from .guidance import guidance_for  # imported here: guidance builds on this module
 
     steps = Steps.for_device(device, compile=compile, static=static_cache)
@@ -771,6 +776,7 @@ def generate(
                 num_return_sequences=int(num_return_sequences),
                 length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
                 processors=processors, held=held, generator=make_generator(seed, device), steps=steps, stops=stops,
+                criteria=criteria,
                 deadline=deadline, output_scores=output_scores, output_logits=output_logits, guide=guide,
             )
     step_scores, raw = ([] if output_scores else None), ([] if output_logits else None)
@@ -778,7 +784,8 @@ def generate(
                           record=step_scores, guide=guide)
     with cpu_decode_layout(model, compiled=compile), contextlib.closing(steps), torch.inference_mode():
         seq = decode_loop(model, ids, pad_mask, max_new_tokens, choose, eos=eos, pad_id=pad_id or 0, steps=steps,
-                          stops=stops, deadline=deadline, copies=int(num_return_sequences), raw=raw)
+                          stops=stops, deadline=deadline, copies=int(num_return_sequences), raw=raw, criteria=criteria,
+                          scores=step_scores)
     choose.check()
     return GenerateOutput(sequences=seq, step_scores=None if step_scores is None else tuple(step_scores),
                           logits=None if raw is None else tuple(raw))
@@ -820,11 +827,15 @@ def decode_loop(
     deadline: float | None = None,
     copies: int = 1,
     raw: list | None = None,
+    criteria: Criteria | None = None,
+    scores: list | None = None,
 ) -> torch.Tensor:
     """Prefill, then one decode step per new token; returns the sequences (B * copies, T + T_new),
     ``copies`` rows per prompt (prefilled once, then decoded as rows of their own). A row ends at an
     ``eos`` id or at the token completing one of ``stops``; all end at a step that finishes past
-    ``deadline`` (``deadline_after``). ``raw``: a list that gets each step's logits, fp32."""
+    ``deadline`` (``deadline_after``), or where ``criteria`` says it is done (given ``scores``, the
+    list of processed scores the chooser records, or None). ``raw``: a list that gets each step's
+    logits, fp32."""
     steps = steps or Steps()
     T = ids.shape[1]
     total = T + max_new_tokens
@@ -845,7 +856,7 @@ def decode_loop(
 
     eos_ids = torch.tensor(eos, dtype=torch.long, device=ids.device) if eos else None
     stop_states = None if stops is None else stops.start(ids, pad_mask)  # (B, n_strings)
-    ending = eos_ids is not None or stops is not None
+    ending = eos_ids is not None or stops is not None or criteria is not None
     unfinished = torch.ones(B, dtype=torch.bool, device=ids.device) if ending else None
     # finished rows emit padding (HF) and, when it is a token of the vocabulary, feed it to the model as HF
     # does (their logits are then HF's too, for output_logits); else their own token
@@ -862,6 +873,8 @@ def decode_loop(
             if stops is not None:
                 stop_states, hit = stops.step(stop_states, tok)
                 unfinished &= ~hit
+            if criteria is not None:
+                unfinished &= ~criteria(seq[:, : t + 1], None if scores is None else tuple(scores))
         else:
             seq[:, t] = tok
         t += 1
@@ -899,6 +912,7 @@ def generate_stream(
     renormalize_logits: bool = False,
     logits_processor=None,
     prefix_allowed_tokens_fn=None,
+    stopping_criteria=None,
     eos_token_id: int | Sequence[int] | None = None,
     stop_strings: str | Sequence[str] | StopStrings | None = None,
     tokenizer: Tokenizer | None = None,
@@ -948,14 +962,17 @@ def generate_stream(
     steps = guide or steps
     choose = make_chooser(processors, make_generator(seed, device), held=held, prompt_len=ids.shape[1], guide=guide)
     stops = stop_strings_for(stop_strings, tokenizer, model.config.vocab_size, device)
+    criteria = criteria_for(stopping_criteria)
     check_max_time(max_time)  # the clock starts at the first token asked for
-    return stream_loop(model, ids, max_new_tokens, choose, eos=set(eos), steps=steps, stops=stops, max_time=max_time)
+    return stream_loop(model, ids, max_new_tokens, choose, eos=set(eos), steps=steps, stops=stops, max_time=max_time,
+                       criteria=criteria)
 
 
 @torch.inference_mode()  # on a generator: the mode is entered around each resume, not left on between yields
 def stream_loop(
     model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, choose, *, eos: set[int],
     steps: Steps | None = None, stops: StopStrings | None = None, max_time: float | None = None,
+    criteria: Criteria | None = None,
 ) -> Iterator[int]:
     """The decode loop for one prompt (1, T), yielding each new token as a Python int. The CPU
     decode layout (and a static cache, if ``steps`` took one) stays on from the first token until
@@ -974,12 +991,15 @@ def stream_loop(
             choose.check()
             if token in eos:
                 return
-            hit = None
+            hit = False
+            seq[:, T + step] = tok
             if stops is not None:
                 stop_states, hit = stops.step(stop_states, tok)
+                hit = bool(hit)
+            if criteria is not None and not hit:
+                hit = bool(criteria(seq[:, : T + step + 1], None)[0])
             yield token
-            if (hit is not None and bool(hit)) or out_of_time(deadline):  # the stop token is yielded, as HF keeps it
+            if hit or out_of_time(deadline):  # the token that stops is yielded, as HF keeps it
                 return
-            seq[:, T + step] = tok
             if step < max_new_tokens - 1:
                 logits = steps(model, tok[:, None], cache, None)

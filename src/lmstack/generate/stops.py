@@ -135,3 +135,43 @@ def stop_strings_for(stop_strings, tokenizer, vocab_size: int, device: torch.dev
                              f"{vocab_size}; build it with vocab_size={vocab_size}")
         return stop_strings.to(device)
     return StopStrings(stop_strings, tokenizer, vocab_size=vocab_size).to(device)
+
+
+class Criteria:
+    """HF's ``stopping_criteria``: callables ``(input_ids (rows, t), scores) -> done``, HF
+    ``StoppingCriteria`` objects included, where ``done`` is a bool tensor (rows,) or one bool for
+    every row. A row is done when any of them says so, checked after each token is appended (its
+    text holds the token, as HF's; a finished row's holds its padding). ``scores`` is what HF
+    passes: the processed scores of the steps so far (a tuple) with ``output_scores``, else None.
+    Under beam search each candidate extension is checked, and one that is done ends like one
+    ending in EOS. As with stop strings, a row that is done is padded from then on even without an
+    EOS id (transformers pads only when one is set)."""
+
+    def __init__(self, fns):
+        if callable(fns) and not isinstance(fns, (list, tuple)):
+            fns = [fns]
+        if not isinstance(fns, (list, tuple)) or not all(callable(f) for f in fns):
+            raise ValueError(f"stopping_criteria={fns!r} must be a list of callables (input_ids, scores) -> bool "
+                             f"tensor (rows,), such as HF StoppingCriteria objects")
+        self.fns = tuple(fns)
+
+    def __call__(self, ids: torch.Tensor, scores) -> torch.Tensor:
+        rows = ids.shape[0]
+        done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+        for i, fn in enumerate(self.fns):
+            out = fn(ids, scores)
+            if isinstance(out, (bool, np.bool_)):
+                out = torch.full((rows,), bool(out), device=ids.device)
+            if not isinstance(out, torch.Tensor) or out.shape not in ((rows,), ()):
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"stopping_criteria[{i}] ({type(fn).__name__}) returned {got}; it must return a bool "
+                                 f"tensor of shape ({rows},), one per row, or one bool")
+            done |= out.to(device=ids.device, dtype=torch.bool)
+        return done
+
+
+def criteria_for(stopping_criteria) -> Criteria | None:
+    """``generate``'s ``stopping_criteria`` (None or empty: none), checked."""
+    if stopping_criteria is None or (isinstance(stopping_criteria, (list, tuple)) and not stopping_criteria):
+        return None
+    return Criteria(stopping_criteria)
