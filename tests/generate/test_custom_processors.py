@@ -144,6 +144,8 @@ def test_stream_takes_them(sharp):
 @pytest.mark.parametrize("kw, match", [
     (dict(prefix_allowed_tokens_fn=lambda b, s: []), "prefix_allowed_tokens_fn returned no token ids for prompt 0"),
     (dict(prefix_allowed_tokens_fn=[1, 2]), "prefix_allowed_tokens_fn=\\[1, 2\\] must be a function"),
+    (dict(prefix_allowed_tokens_fn=lambda b, s: [3, 500]), "returned \\[3, 500\\] for prompt 0: it must return token ids in"),
+    (dict(prefix_allowed_tokens_fn=lambda b, s: ["a"]), "returned \\['a'\\] for prompt 0"),
     (dict(logits_processor=[3]), "logits_processor=\\[3\\] must be a list of callables"),
     (dict(logits_processor=[lambda i, s: s[:, :5]]), "logits_processor\\[0\\] \\(function\\) returned \\(1, 5\\)"),
     (dict(logits_processor=[lambda i, s: None]), "logits_processor\\[0\\] \\(function\\) returned NoneType"),

@@ -253,7 +253,11 @@ class PrefixConstraint:
             if len(allowed) == 0:
                 raise ValueError(f"prefix_allowed_tokens_fn returned no token ids for prompt {row // self.group} "
                                  f"(row {row}): the constraint cannot be met; return at least one id")
-            mask[row, allowed] = 0.0
+            try:
+                mask[row, allowed] = 0.0
+            except (IndexError, TypeError, RuntimeError):
+                raise ValueError(f"prefix_allowed_tokens_fn returned {allowed!r} for prompt {row // self.group}: it "
+                                 f"must return token ids in [0, {logits.shape[-1]})") from None
         out = logits + mask
         stuck = out.amax(dim=-1).isneginf().view(-1, self.group).all(dim=-1).repeat_interleave(self.group)
         return torch.where(stuck[:, None], mask, out)
