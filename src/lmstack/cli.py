@@ -291,7 +291,8 @@ def _decoding_settings(args, folder: Path) -> dict:
     from .interop import generation_settings, unsupported_generation_settings
 
     given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                 typical_p=args.typical_p, top_h=args.top_h, repetition_penalty=args.repetition_penalty,
+                 typical_p=args.typical_p, top_h=args.top_h, epsilon_cutoff=args.epsilon_cutoff,
+                 eta_cutoff=args.eta_cutoff, repetition_penalty=args.repetition_penalty,
                  no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
                  max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                  num_return_sequences=args.num_return_sequences, length_penalty=args.length_penalty,
@@ -519,6 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-h", type=float, default=None,
                     help="top-H sampling, as HF's top_h: keep the likeliest tokens while their entropy stays under "
                          "this fraction (0, 1] of the distribution's")
+    ge.add_argument("--epsilon-cutoff", type=float, default=None,
+                    help="epsilon sampling, as HF's epsilon_cutoff: drop tokens below this probability")
+    ge.add_argument("--eta-cutoff", type=float, default=None,
+                    help="eta sampling, as HF's eta_cutoff: an entropy-scaled probability floor")
     ge.add_argument("--repetition-penalty", type=float, default=None)
     ge.add_argument("--no-repeat-ngram-size", type=int, default=None,
                     help="n > 0: never repeat an n-gram of the prompt or the text so far (HF's no_repeat_ngram_size)")

@@ -257,7 +257,8 @@ def test_beam_flags_win_over_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gen_mod, "generate", fake_generate)
     monkeypatch.setattr(gen_mod, "generate_stream", fake_generate)
     for flags in (["--num-beams", "4", "--length-penalty", "-1", "--early-stopping", "TRUE", "--max-new-tokens", "5"],
-                  ["--temperature", "0.9", "--no-stream", "--dtype", "bfloat16"],
+                  ["--temperature", "0.9", "--no-stream", "--dtype", "bfloat16", "--top-h", "0.7",
+                   "--epsilon-cutoff", "0.001", "--eta-cutoff", "0.002"],
                   ["--num-beams", "1", "--num-return-sequences", "1", "--no-stream", "--compile"],
                   ["--num-beams", "1", "--compile"]):
         with pytest.raises(SystemExit):
@@ -269,6 +270,8 @@ def test_beam_flags_win_over_the_file(tmp_path, monkeypatch, capsys):
         "max_new_tokens": 5, "temperature": 0.0}
     assert beam["dtype"] == torch.float32 and not beam["compile"]
     assert sample["temperature"] == 0.9 and sample["max_new_tokens"] == 9 and sample["dtype"] == torch.bfloat16
+    assert (sample["top_h"], sample["epsilon_cutoff"], sample["eta_cutoff"]) == (0.7, 0.001, 0.002)
+    assert all(k not in beam for k in ("top_h", "epsilon_cutoff", "eta_cutoff"))  # not given: not passed
     assert {k: sample[k] for k in BEAM_FILE} == BEAM_FILE  # beam sampling with the file's beams
     assert greedy["num_beams"] == 1 and greedy["temperature"] == 0.0 and greedy["compile"]
 
