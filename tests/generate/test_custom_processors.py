@@ -138,14 +138,16 @@ def test_stream_takes_them(sharp):
     expect = generate(m, [prompt], 10, **kw).sequences[0, len(prompt):].tolist()
     assert list(generate_stream(m, prompt, 10, **kw)) == expect
     hf_list = transformers.LogitsProcessorList(kw["logits_processor"])  # HF's own list type is taken as it is
-    assert generate(m, [prompt], 10, **{**kw, "logits_processor": hf_list}).sequences[0, len(prompt):].tolist() == expect
+    out = generate(m, [prompt], 10, **{**kw, "logits_processor": hf_list}).sequences
+    assert out[0, len(prompt):].tolist() == expect
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(prefix_allowed_tokens_fn=lambda b, s: []), "prefix_allowed_tokens_fn returned no token ids for prompt 0"),
     (dict(prefix_allowed_tokens_fn=[1, 2]), "prefix_allowed_tokens_fn=\\[1, 2\\] must be a function"),
-    (dict(prefix_allowed_tokens_fn=lambda b, s: [3, 500]), "returned \\[3, 500\\] for prompt 0: it must return token ids in"),
+    (dict(prefix_allowed_tokens_fn=lambda b, s: [3, 500]), "returned \\[3, 500\\] for prompt 0: it must return ids in"),
     (dict(prefix_allowed_tokens_fn=lambda b, s: ["a"]), "returned \\['a'\\] for prompt 0"),
+    (dict(prefix_allowed_tokens_fn=lambda b, s: 7), "returned 7 for prompt 0: it must return ids in"),
     (dict(logits_processor=[3]), "logits_processor=\\[3\\] must be a list of callables"),
     (dict(logits_processor=[lambda i, s: s[:, :5]]), "logits_processor\\[0\\] \\(function\\) returned \\(1, 5\\)"),
     (dict(logits_processor=[lambda i, s: None]), "logits_processor\\[0\\] \\(function\\) returned NoneType"),
@@ -216,7 +218,8 @@ def test_beam_search_stops_as_hf(sharp, batch):
 def test_sampling_stops_as_hf(unsharp, seed):
     h, m = unsharp
     ids, mask = ragged_batch([6, 11, 1], seed=3)
-    kw = dict(temperature=1.0, top_k=0, num_return_sequences=2, eos_token_id=EOS, pad_token_id=PAD)  # HF: top_k 50 unless 0
+    # top_k=0: HF's default is 50
+    kw = dict(temperature=1.0, top_k=0, num_return_sequences=2, eos_token_id=EOS, pad_token_id=PAD)
     crit = [StopAfter(tok) for tok in range(20, 40)]  # 20 stop tokens: some row stops early
     s, = well_drawn_seeds(seed % 2**31, 1, m, lambda s: generate(m, ids, 20, attention_mask=mask, seed=s,
                                                                    stopping_criteria=crit, **kw))

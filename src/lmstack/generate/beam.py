@@ -234,7 +234,8 @@ def beam_search(
         generated = step + 1
         if output_logits:
             raw.append(logits.to(torch.float32, copy=True))
-        logp = torch.log_softmax(logits.float(), dim=-1) if guide is None else guide.scores(logits, seq[:, :t])  # (B*N, V)
+        # (B*N, V)
+        logp = torch.log_softmax(logits.float(), dim=-1) if guide is None else guide.scores(logits, seq[:, :t])
         rules = held(step, dev) if held else {}  # EOS held back, begin tokens, forced EOS, EOS boost
         if uses_text or sample or rules or processors.get("renormalize_logits"):
             logp = process_logits(logp, seq[:, :t], input_mask=None if seq_mask is None else seq_mask[:, :t],

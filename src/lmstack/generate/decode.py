@@ -501,8 +501,8 @@ def check_length(model: torch.nn.Module, prompt_len: int, max_new_tokens: int | 
 
 # generate's and generate_stream's keywords that process the logits (HF's logits processors)
 PROCESSING_KEYS = (
-    "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "repetition_penalty",
-    "no_repeat_ngram_size", "min_new_tokens", "min_length", "sequence_bias", "bad_words_ids", "suppress_tokens",
+    "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h",
+    "repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "min_length", "sequence_bias", "bad_words_ids", "suppress_tokens",
     "begin_suppress_tokens", "forced_eos_token_id", "exponential_decay_length_penalty", "renormalize_logits",
     "logits_processor", "prefix_allowed_tokens_fn",
 )

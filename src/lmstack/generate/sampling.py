@@ -237,8 +237,9 @@ def reads_text(processors: dict) -> bool:
 class PrefixConstraint:
     """HF's ``prefix_allowed_tokens_fn`` (``PrefixConstrainedLogitsProcessor``): ``fn(prompt index,
     row's ids so far (t,))`` returns the ids the row may take next; every other token goes to -inf.
-    ``group``: rows per prompt (its beams, or its ``num_return_sequences`` samples). When no row of a group has an allowed token left finite, the group gets
-    its allowed tokens at 0, so the constraint still holds (HF's rule)."""
+    ``group``: rows per prompt (its beams, or its ``num_return_sequences`` samples). When no row of
+    a group has an allowed token left finite, the group gets its allowed tokens at 0, so the
+    constraint still holds (HF's rule)."""
 
     def __init__(self, fn, group: int = 1):
         if not callable(fn):
@@ -250,14 +251,16 @@ class PrefixConstraint:
         mask = torch.full_like(logits, NEG_INF)
         for row in range(input_ids.shape[0]):
             allowed = self.fn(row // self.group, input_ids[row])
-            if len(allowed) == 0:
+            if hasattr(allowed, "__len__") and len(allowed) == 0:
                 raise ValueError(f"prefix_allowed_tokens_fn returned no token ids for prompt {row // self.group} "
                                  f"(row {row}): the constraint cannot be met; return at least one id")
             try:
+                if not isinstance(allowed, (list, tuple, torch.Tensor)):
+                    raise TypeError
                 mask[row, allowed] = 0.0
             except (IndexError, TypeError, RuntimeError):
                 raise ValueError(f"prefix_allowed_tokens_fn returned {allowed!r} for prompt {row // self.group}: it "
-                                 f"must return token ids in [0, {logits.shape[-1]})") from None
+                                 f"must return ids in [0, {logits.shape[-1]})") from None
         out = logits + mask
         stuck = out.amax(dim=-1).isneginf().view(-1, self.group).all(dim=-1).repeat_interleave(self.group)
         return torch.where(stuck[:, None], mask, out)
