@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from .decode import GenerateOutput, Steps, is_int, out_of_time, padded_positions
+from .guidance import Guidance
 from .sampling import StepRules, is_greedy, process_logits, reads_text
 from .stops import StopStrings
 
@@ -177,7 +178,6 @@ def beam_search(
     deadline: float | None = None,
     output_scores: bool = False,
     output_logits: bool = False,
-    guide=None,
 ) -> GenerateOutput:
     """Beam search from prompts ids (B, T) (left-padded where ``pad_mask`` (B, T) is False), with
     ``process_logits``' ``processors`` (repetition penalty, n-gram ban, biases; none by default) on
@@ -187,9 +187,9 @@ def beam_search(
     done, ends like one ending in EOS (HF's stopping criteria);
     a step that finishes past ``deadline`` is the last (HF's ``max_time``). ``output_scores`` /
     ``output_logits``: also return each step's processed log-probs / raw logits of the B * N running
-    beams, and the hypotheses' ``beam_indices`` (HF's). ``guide``: classifier-free guidance
-    (``lmstack.generate.guidance.Guidance``), which is ``steps`` too: it decodes the unconditional
-    rows alongside the beams and moves them with the beams.
+    beams, and the hypotheses' ``beam_indices`` (HF's). ``steps`` may be classifier-free guidance
+    (``lmstack.generate.guidance.Guidance``): it decodes the unconditional rows alongside the beams,
+    moves them with the beams, and guides the log-probs.
 
     Returns ``GenerateOutput(sequences=(B * R, T + T_new), scores=(B * R,))``, R =
     ``num_return_sequences``: the R best hypotheses of prompt b at rows ``b * R ...``, best first.
@@ -205,8 +205,7 @@ def beam_search(
     base = torch.arange(B, device=dev)[:, None] * N  # (B, 1) first beam row of each prompt
 
     steps = steps or Steps()
-    if guide is not None and steps is not guide:
-        raise ValueError("beam_search(guide=g) runs its steps through g: pass steps=g too")
+    guide = steps if isinstance(steps, Guidance) else None
     positions = None if pad_mask is None else padded_positions(pad_mask)  # (B, T)
     cache, logits = steps.start(model, ids, positions, pad_mask, total, N)  # (B*N, V): one prefill per prompt
     pos = None if positions is None else positions[rows, -1:] + 1  # (B*N, 1), advanced in place

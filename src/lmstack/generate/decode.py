@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..kernels import TORCH_VERSION
-from .sampling import (PrefixConstraint, StepRules, check_sampling_args, is_greedy, process_logits, reads_text, sample,
-                       token_biases)
+from .sampling import (PrefixConstraint, StepRules, callables, check_sampling_args, is_greedy, process_logits,
+                       reads_text, sample, token_biases)
 from .stops import Criteria, StopStrings, criteria_for, stop_strings_for
 
 if TYPE_CHECKING:
@@ -527,12 +527,8 @@ def processing(
     if prefix_allowed_tokens_fn is not None:
         processors["allowed"] = PrefixConstraint(prefix_allowed_tokens_fn, group)
     if logits_processor is not None:
-        if callable(logits_processor) and not isinstance(logits_processor, (list, tuple)):
-            logits_processor = [logits_processor]
-        if not isinstance(logits_processor, (list, tuple)) or not all(callable(f) for f in logits_processor):
-            raise ValueError(f"logits_processor={logits_processor!r} must be a list of callables (input_ids, scores) "
-                             f"-> scores, such as HF LogitsProcessor objects")
-        processors["custom"] = tuple(logits_processor)
+        processors["custom"] = callables(logits_processor, "logits_processor",
+                                         "(input_ids, scores) -> scores, such as HF LogitsProcessor objects")
     processors["renormalize_logits"] = bool(processors.get("renormalize_logits"))
     min_new = max(min_new_tokens or 0, (min_length or 0) - prompt_len, 0)
     return processors, StepRules(eos, min_new, begin_suppress_tokens, forced_eos_token_id, max_new_tokens - 1,
@@ -777,7 +773,7 @@ def generate(
                 length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad_id=pad_id or 0,
                 processors=processors, held=held, generator=make_generator(seed, device), steps=steps, stops=stops,
                 criteria=criteria,
-                deadline=deadline, output_scores=output_scores, output_logits=output_logits, guide=guide,
+                deadline=deadline, output_scores=output_scores, output_logits=output_logits,
             )
     step_scores, raw = ([] if output_scores else None), ([] if output_logits else None)
     choose = make_chooser(processors, make_generator(seed, device), held=held, prompt_len=ids.shape[1],

@@ -234,6 +234,17 @@ def reads_text(processors: dict) -> bool:
             or bool(processors.get("custom")))
 
 
+def callables(fns, name: str, signature: str) -> tuple:
+    """A caller's list of functions (HF's ``logits_processor``, ``stopping_criteria``: a list, HF's
+    list types included, or one function) as a tuple, checked: a one-line error names ``name`` and
+    the ``signature`` expected."""
+    if callable(fns) and not isinstance(fns, (list, tuple)):
+        fns = [fns]
+    if not isinstance(fns, (list, tuple)) or not all(callable(f) for f in fns):
+        raise ValueError(f"{name}={fns!r} must be a list of callables {signature}")
+    return tuple(fns)
+
+
 class PrefixConstraint:
     """HF's ``prefix_allowed_tokens_fn`` (``PrefixConstrainedLogitsProcessor``): ``fn(prompt index,
     row's ids so far (t,))`` returns the ids the row may take next; every other token goes to -inf.
@@ -251,7 +262,7 @@ class PrefixConstraint:
         mask = torch.full_like(logits, NEG_INF)
         for row in range(input_ids.shape[0]):
             allowed = self.fn(row // self.group, input_ids[row])
-            if hasattr(allowed, "__len__") and len(allowed) == 0:
+            if isinstance(allowed, (list, tuple, torch.Tensor)) and len(allowed) == 0:
                 raise ValueError(f"prefix_allowed_tokens_fn returned no token ids for prompt {row // self.group} "
                                  f"(row {row}): the constraint cannot be met; return at least one id")
             try:
@@ -410,8 +421,8 @@ def process_logits(
     penalty, the n-gram ban, the biases, the constraint and ``custom``; ``input_mask`` (B, T) False
     where a position must not count (padding).
     """
-    if reads_text(dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, bias=bias,
-                       allowed=allowed, custom=custom)) and input_ids is None:
+    if input_ids is None and reads_text(dict(repetition_penalty=repetition_penalty, bias=bias, allowed=allowed,
+                                             no_repeat_ngram_size=no_repeat_ngram_size, custom=custom)):
         raise ValueError("repetition_penalty, no_repeat_ngram_size, sequence biases, prefix_allowed_tokens_fn and "
                          "logits_processor need input_ids, the sequence generated so far")
     if bias is not None:

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .sampling import callables
+
 
 def match_automaton(pattern: bytes) -> np.ndarray:
     """(L + 1, 256) int64: the KMP state after reading a byte in each state (state ``L`` = matched;
@@ -148,12 +150,8 @@ class Criteria:
     EOS id (transformers pads only when one is set)."""
 
     def __init__(self, fns):
-        if callable(fns) and not isinstance(fns, (list, tuple)):
-            fns = [fns]
-        if not isinstance(fns, (list, tuple)) or not all(callable(f) for f in fns):
-            raise ValueError(f"stopping_criteria={fns!r} must be a list of callables (input_ids, scores) -> bool "
-                             f"tensor (rows,), such as HF StoppingCriteria objects")
-        self.fns = tuple(fns)
+        self.fns = callables(fns, "stopping_criteria",
+                             "(input_ids, scores) -> bool tensor (rows,), such as HF StoppingCriteria objects")
 
     def __call__(self, ids: torch.Tensor, scores) -> torch.Tensor:
         rows = ids.shape[0]
